@@ -1,0 +1,35 @@
+# Everything runs from the virtualenv that scripts/setup creates.
+VENV   ?= .venv
+PYTHON ?= $(VENV)/bin/python
+
+.PHONY: setup test test-fast lint golden guest demo bench bench-quick clean
+
+setup:
+	./scripts/setup
+
+# The whole suite: pure tests, linters, real QEMU (-S) and real guests under TCG.
+test:
+	$(PYTHON) -m pytest -q
+
+# Pure tier and linters only: seconds, no QEMU.
+test-fast:
+	$(PYTHON) -m pytest -q --ignore=tests/qemu --ignore=tests/guest
+
+lint:
+	$(PYTHON) -m ruff check qlink tests bench
+	$(PYTHON) -m ruff format --check qlink tests bench
+	$(PYTHON) -m mypy --strict qlink tests bench
+
+# Regenerate the golden plans after a deliberate change; review the diff like code.
+golden:
+	$(PYTHON) -m tests.golden
+
+guest:
+	guest/build-guest
+
+demo:
+	$(VENV)/bin/qlinkctl validate configs/clos.yaml
+	$(VENV)/bin/qlinkctl plan configs/clos.yaml spine1
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

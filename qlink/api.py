@@ -1,0 +1,133 @@
+"""The control API: HTTP + JSON on a unix socket, versioned paths, as Docker and Incus do.
+
+    curl --unix-socket /run/qlink/qlinkd.sock http://qlink/v1/status
+
+Long operations (`up`, `down`) answer with a stream of JSON lines (application/x-ndjson):
+progress events, then one `{"event": "done", ...}`. Errors are JSON objects with `error`,
+optional `issues` (file, line, field, message) and an HTTP status the CLI maps to exit codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from qlink.daemon import Daemon
+from qlink.errors import ConfigError, ControlError, QlinkError
+
+API = "/v1"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_body(error: QlinkError) -> tuple[int, dict[str, Any]]:
+    if isinstance(error, ConfigError):
+        issues = [
+            {"file": i.file, "line": i.line, "field": i.field, "message": i.message}
+            for i in error.issues
+        ]
+        return 400, {"error": "invalid topology", "issues": issues}
+    if isinstance(error, ControlError):
+        return error.status, {"error": str(error), "hint": error.hint}
+    return 409, {"error": str(error)}
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except QlinkError as error:
+        status, body = _error_body(error)
+        return web.json_response(body, status=status)
+    except json.JSONDecodeError as error:
+        return web.json_response({"error": f"request body is not JSON: {error}"}, status=400)
+
+
+async def _stream(
+    request: web.Request, events: AsyncIterator[dict[str, Any]]
+) -> web.StreamResponse:
+    """Send events as JSON lines; an error before the first event is a plain error reply."""
+    iterator = aiter(events)
+    first = await anext(iterator)  # errors here become a normal JSON error response
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    await response.write(json.dumps(first).encode() + b"\n")
+    try:
+        async for event in iterator:
+            await response.write(json.dumps(event).encode() + b"\n")
+    except QlinkError as error:
+        status, body = _error_body(error)
+        await response.write(
+            json.dumps({"event": "error", "status": status, **body}).encode() + b"\n"
+        )
+    await response.write_eof()
+    return response
+
+
+def build_app(daemon: Daemon) -> web.Application:
+    routes = web.RouteTableDef()
+
+    @routes.get(f"{API}/status")
+    async def status(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"nodes": daemon.status()})
+
+    @routes.get(f"{API}/links")
+    async def links(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"links": daemon.links()})
+
+    @routes.get(f"{API}/labs")
+    async def labs(request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {"labs": [{"name": n, "source": r.plan.source, "nodes": sorted(r.plan.nodes)}
+                      for n, r in sorted(daemon.labs.items())]}
+        )  # fmt: skip
+
+    @routes.post(f"{API}/labs")
+    async def up(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+            raise ControlError('body must be {"source": PATH, "text": YAML}', status=400)
+        lab = daemon.parse(body["text"], str(body.get("source", "<request>")))
+        return await _stream(request, daemon.up(lab))
+
+    @routes.delete(API + "/labs/{lab}")
+    async def down(request: web.Request) -> web.StreamResponse:
+        return await _stream(request, daemon.down(request.match_info["lab"]))
+
+    @routes.post(API + "/nodes/{node:.+}/{verb:start|stop|restart}")
+    async def node_verb(request: web.Request) -> web.StreamResponse:
+        graceful = request.query.get("force", "0") in ("0", "false", "")
+        status = await daemon.node_command(
+            request.match_info["node"], request.match_info["verb"], graceful
+        )
+        return web.json_response({"node": request.match_info["node"], **status.as_dict()})
+
+    app = web.Application(middlewares=[errors_as_json])
+    app.add_routes(routes)
+    return app
+
+
+async def serve_api(daemon: Daemon, socket_path: Path, ready: asyncio.Event) -> None:
+    """Serve until cancelled; the socket is 0660 so that a `qlink` group can be given access."""
+    runner = web.AppRunner(build_app(daemon), access_log=None, handle_signals=False)
+    await runner.setup()
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    # The root lock is held, so a socket file left here is a dead daemon's: replace it.
+    socket_path.unlink(missing_ok=True)
+    site = web.UnixSite(runner, str(socket_path))
+    try:
+        await site.start()
+        os.chmod(socket_path, 0o660)
+        ready.set()
+        await asyncio.Future()
+    finally:
+        await runner.cleanup()
+        with contextlib.suppress(OSError):
+            socket_path.unlink()

@@ -1,0 +1,330 @@
+"""qlinkctl: the operator's command line.
+
+It parses, calls the plan (for `validate` and `plan`) or the daemon's control API (for the
+rest), and is the only place that turns errors into messages, hints and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from qlink.client import Client
+from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
+from qlink.host import describe_host_without_qemu, find_qemu, probe_host
+from qlink.plan import HostFacts, Layout, build_argv, plan_lab
+from qlink.plan.render import lab_document, node_document
+from qlink.state import load_allocations
+from qlink.topology import Lab, load_topology
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class UsageError(QlinkError):
+    """The command line itself is wrong (exit 2)."""
+
+
+def layout_from(root: str | None) -> Layout:
+    """`--root`, else `QLINK_ROOT`, else the system directories."""
+    chosen = root or os.environ.get("QLINK_ROOT")
+    return Layout.under(Path(chosen).resolve()) if chosen else Layout.system()
+
+
+def file_exists(path: str) -> bool:
+    return Path(path).is_file()
+
+
+def argv_lines(argv: Sequence[str]) -> str:
+    """An argv as a shell command, one option and its value per line, ready to paste."""
+    lines: list[str] = [shlex.quote(argv[0])]
+    index = 1
+    while index < len(argv):
+        item = argv[index]
+        takes_value = (
+            item.startswith("-") and index + 1 < len(argv) and not argv[index + 1].startswith("-")
+        )
+        if takes_value:
+            lines.append(f"{shlex.quote(item)} {shlex.quote(argv[index + 1])}")
+            index += 2
+        else:
+            lines.append(shlex.quote(item))
+            index += 1
+    return " \\\n    ".join(lines)
+
+
+def host_facts_for(lab: Lab) -> HostFacts:
+    """Probe the host only when a node leaves the accelerator to qlink."""
+    if all(node.accel != "auto" for node in lab.nodes.values()):
+        try:
+            return HostFacts(qemu_binary=find_qemu())
+        except HostError:
+            return describe_host_without_qemu()
+    try:
+        return probe_host()
+    except HostError as error:
+        print(f"note: {error}; planning `accel: auto` as tcg", file=sys.stderr)
+        return describe_host_without_qemu()
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    lab = load_topology(args.file, file_exists=file_exists)
+    links = len(lab.links)
+    print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    lab = load_topology(args.file)
+    layout = layout_from(args.root)
+    plan, _ = plan_lab(lab, layout, load_allocations(layout))
+    host = host_facts_for(lab)
+    if args.node is not None and args.node not in plan.nodes:
+        raise UsageError(f"no node {args.node!r} in {args.file} (nodes: {', '.join(plan.nodes)})")
+    if args.output == "json":
+        document: Any = (
+            node_document(plan.nodes[args.node], host) if args.node else lab_document(plan, host)
+        )
+        print(json.dumps(document, indent=2))
+        return EXIT_OK
+    names = [args.node] if args.node else list(plan.nodes)
+    for index, name in enumerate(names):
+        if len(names) > 1:
+            print(f"{'' if index == 0 else chr(10)}# {lab.name}/{name}")
+        print(argv_lines(build_argv(plan.nodes[name], host)))
+    return EXIT_OK
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(layout_from(args.root).control_socket)
+
+
+def _progress_line(event: dict[str, Any]) -> str | None:
+    kind = event.get("event")
+    if kind == "plan":
+        parts = [f"{verb} {', '.join(event[verb])}" for verb in ("start", "restart", "remove")
+                 if event[verb]]  # fmt: skip
+        return f"{event['lab']}: " + ("; ".join(parts) if parts else "nothing to change")
+    if kind == "node_state":
+        detail = f" (pid {event['pid']})" if event.get("pid") else ""
+        if event.get("last_error") and event["state"] in ("backoff", "failed"):
+            detail += f": {event['last_error'].splitlines()[0]}"
+        return f"  {event['node']}: {event['state']}{detail}"
+    return None
+
+
+def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
+    """Show progress on a terminal; the last event says whether everything got there."""
+    show = sys.stderr.isatty() or getattr(args, "verbose", False)
+    last: dict[str, Any] = {}
+    for event in events:
+        last = event
+        line = _progress_line(event)
+        if show and line:
+            print(line, file=sys.stderr, flush=True)
+    failed: dict[str, str] = last.get("failed", {})
+    if getattr(args, "output", "text") == "json":
+        print(json.dumps(last, indent=2))
+    for node, reason in failed.items():
+        print(f"qlinkctl: {node}: {reason}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    path = Path(args.file).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise UsageError(f"cannot read {args.file}: {error.strerror}") from error
+    code = _follow(args, _client(args).stream("POST", "/labs", {"source": str(path), "text": text}))
+    if code == EXIT_OK and args.output == "text":
+        _print_status(_client(args).get("/status")["nodes"], only_lab=None)
+    return code
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    return _follow(args, _client(args).stream("DELETE", f"/labs/{args.lab}"))
+
+
+def cmd_node_verb(args: argparse.Namespace) -> int:
+    client = _client(args)
+    suffix = "?force=1" if getattr(args, "force", False) else ""
+    for node in args.nodes:
+        result = client.post(f"/nodes/{node}/{args.command}{suffix}")
+        pid = f" pid {result['pid']}" if result.get("pid") else ""
+        print(f"{node}: {result['state']}{pid}")
+    return EXIT_OK
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in (headers, *rows)]  # fmt: skip
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
+    rows = [
+        [
+            node["lab"], node["node"], node["state"], str(node["pid"] or "-"),
+            _duration(node["uptime"]), str(node["restarts"]),
+            " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
+        ]
+        for node in nodes
+        if only_lab in (None, node["lab"])
+    ]  # fmt: skip
+    if not rows:
+        print("no labs are up")
+        return
+    print(table(["LAB", "NODE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS"], rows))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    nodes = _client(args).get("/status")["nodes"]
+    if args.output == "json":
+        print(json.dumps(nodes, indent=2))
+    else:
+        _print_status(nodes, args.lab)
+    return EXIT_OK
+
+
+def cmd_links(args: argparse.Namespace) -> int:
+    links = _client(args).get("/links")["links"]
+    if args.output == "json":
+        print(json.dumps(links, indent=2))
+        return EXIT_OK
+    rows = [
+        [link["lab"], link["a"]["endpoint"], str(link["a"]["port"]), link["a"]["mac"],
+         link["b"]["endpoint"], str(link["b"]["port"]), link["b"]["mac"]]
+        for link in links
+    ]  # fmt: skip
+    if not rows:
+        print("no labs are up")
+        return EXIT_OK
+    print(table(["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC"], rows))
+    return EXIT_OK
+
+
+# --- parsing and the error boundary -------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qlinkctl", description="Run network labs of QEMU VMs.")
+    parser.add_argument(
+        "--root", help="keep everything under DIR (default /var/lib/qlink and /run/qlink)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    validate = commands.add_parser("validate", help="check a topology file")
+    validate.add_argument("file")
+    validate.set_defaults(handler=cmd_validate)
+
+    plan = commands.add_parser("plan", help="print the exact QEMU argv; no daemon needed")
+    plan.add_argument("file")
+    plan.add_argument("node", nargs="?")
+    plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    plan.set_defaults(handler=cmd_plan)
+
+    up = commands.add_parser("up", help="start a lab, or bring a running one to its file")
+    up.add_argument("file")
+    up.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    up.add_argument("-v", "--verbose", action="store_true", help="progress even off a terminal")
+    up.set_defaults(handler=cmd_up)
+
+    down = commands.add_parser("down", help="stop every node of a lab and forget it")
+    down.add_argument("lab")
+    down.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    down.add_argument("-v", "--verbose", action="store_true")
+    down.set_defaults(handler=cmd_down)
+
+    status = commands.add_parser("status", help="every node: state, pid, uptime, ports")
+    status.add_argument("lab", nargs="?")
+    status.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    status.set_defaults(handler=cmd_status)
+
+    links = commands.add_parser("links", help="every link: both ends, ports, MACs")
+    links.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    links.set_defaults(handler=cmd_links)
+
+    for verb, text in (
+        ("start", "start nodes (clears a failed state)"),
+        ("stop", "stop nodes: ACPI power-down, then quit, then signals"),
+        ("restart", "replace nodes' QEMU; peers are not touched"),
+    ):
+        command = commands.add_parser(verb, help=text)
+        command.add_argument("nodes", nargs="+", metavar="NODE", help="NODE or LAB/NODE")
+        if verb != "start":
+            command.add_argument(
+                "--force", action="store_true", help="skip the ACPI power-down: quit at once"
+            )
+        command.set_defaults(handler=cmd_node_verb)
+    return parser
+
+
+def _fail(message: str, code: int, hint: str | None = None) -> int:
+    print(f"qlinkctl: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return code
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except ConfigError as error:
+        for issue in error.issues:
+            print(issue, file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as error:
+        return _fail(str(error), EXIT_USAGE)
+    except DaemonUnreachable as error:
+        return _fail(str(error), EXIT_UNREACHABLE, error.hint)
+    except ControlError as error:
+        # 400 and 404 are the caller's mistake (bad usage); the rest is the operation failing.
+        return _fail(
+            str(error), EXIT_USAGE if error.status in (400, 404) else EXIT_FAILED, error.hint
+        )
+    except QlinkError as error:
+        return _fail(str(error), EXIT_FAILED)
+    except BrokenPipeError:
+        # `qlinkctl plan x.yaml | head` closes the pipe early; that is not a failure.
+        sys.stderr.close()
+        return EXIT_OK
+
+
+def main() -> NoReturn:
+    raise SystemExit(run())

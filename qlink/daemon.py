@@ -1,0 +1,398 @@
+"""The daemon's core: one task group holding a supervisor task per VM, and the operations
+the control API exposes (up, down, start/stop/restart, status, links).
+
+The daemon is disposable; the VMs are not. Stopping, killing or upgrading qlinkd leaves every
+QEMU running, and the next qlinkd re-adopts them from what is recorded under the root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from qlink.errors import ControlError, HostError, PortInUseError, QlinkError
+from qlink.plan import HostFacts, LabPlan, Layout, NodePlan, build_argv, plan_lab
+from qlink.runtime.process import (
+    ProcessIdentity,
+    check_tcp_port_free,
+    check_udp_ports_free,
+    create_overlay,
+)
+from qlink.state import load_allocations, save_allocations, write_json
+from qlink.supervisor import Hooks, SupervisorSettings, VmState, VmStatus, VmSupervisor
+from qlink.topology import Lab, parse_topology_text
+
+log = structlog.get_logger("qlinkd")
+
+
+class LabRecord(BaseModel):
+    """What is kept of a lab under the root: the validated lab and what should run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lab: Lab
+    stopped: list[str] = []
+    """Nodes an operator stopped: they stay stopped across daemon restarts."""
+
+
+class ProcessRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pid: int
+    start_time: float
+    argv: list[str]
+
+
+@dataclass
+class LabRuntime:
+    record: LabRecord
+    plan: LabPlan
+    supervisors: dict[str, VmSupervisor] = field(default_factory=dict)
+    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+
+def _process_file(plan: NodePlan) -> Path:
+    return plan.paths.state_dir / "process.json"
+
+
+class Daemon(Hooks):
+    """Everything qlinkd does, callable from the control API and from tests."""
+
+    def __init__(
+        self, layout: Layout, host: HostFacts, settings: SupervisorSettings | None = None
+    ) -> None:
+        self.layout = layout
+        self.host = host
+        self.settings = settings or SupervisorSettings()
+        self.labs: dict[str, LabRuntime] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
+        # One `up`/`down` at a time: each plans against the allocations the last one left.
+        self._lab_lock = asyncio.Lock()
+
+    # --- Hooks: what supervisors ask of the daemon --------------------------------------
+
+    def check_ports(self, plan: NodePlan) -> None:
+        for nic in plan.nics:
+            check_udp_ports_free(nic.local_address, [nic.local_port])
+        if plan.mgmt is not None:
+            check_tcp_port_free(plan.mgmt.host_address, plan.mgmt.ssh_port)
+
+    def prepare_disk(self, plan: NodePlan) -> None:
+        if plan.node.image is not None and create_overlay(
+            Path(plan.node.image), plan.paths.overlay
+        ):
+            log.info("overlay_created", node=plan.name, overlay=str(plan.paths.overlay))
+
+    def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
+        path = _process_file(plan)
+        if identity is None:
+            path.unlink(missing_ok=True)
+            return
+        record = ProcessRecord(
+            pid=identity.pid, start_time=identity.start_time, argv=list(identity.argv)
+        )
+        write_json(path, record.model_dump())
+
+    def state_changed(self, plan: NodePlan, status: VmStatus) -> None:
+        update = {"event": "node_state", "lab": plan.lab, "node": plan.name, **status.as_dict()}
+        for queue in self._subscribers:
+            queue.put_nowait(update)
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            self._subscribers.discard(queue)
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    async def serve(self, ready: Callable[[], None] | None = None) -> None:
+        """Adopt what runs, then run supervisors until cancelled (the VMs stay up)."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            try:
+                self._restore_labs()
+                if ready is not None:
+                    ready()
+                await asyncio.Future()  # until cancelled
+            finally:
+                for runtime in self.labs.values():
+                    for task in runtime.tasks.values():
+                        task.cancel()
+                self._group = None
+
+    def _restore_labs(self) -> None:
+        labs_dir = self.layout.state_dir / "labs"
+        for lab_file in sorted(labs_dir.glob("*/lab.json")):
+            try:
+                record = LabRecord.model_validate_json(lab_file.read_text())
+            except (OSError, ValidationError) as error:
+                log.error("lab_record_unreadable", path=str(lab_file), error=str(error))
+                continue
+            try:
+                plan, _ = plan_lab(record.lab, self.layout, load_allocations(self.layout))
+            except QlinkError as error:
+                log.error("lab_restore_failed", lab=record.lab.name, error=str(error))
+                continue
+            runtime = LabRuntime(record, plan)
+            self.labs[plan.name] = runtime
+            for name, node_plan in plan.nodes.items():
+                identity = self._recorded_identity(node_plan)
+                self._spawn_supervisor(
+                    runtime, node_plan, identity, want_running=name not in record.stopped
+                )
+            log.info("lab_restored", lab=plan.name, nodes=len(plan.nodes))
+
+    def _recorded_identity(self, plan: NodePlan) -> ProcessIdentity | None:
+        try:
+            record = ProcessRecord.model_validate_json(_process_file(plan).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValidationError) as error:
+            log.warning("process_record_unreadable", node=plan.name, error=str(error))
+            return None
+        return ProcessIdentity(record.pid, record.start_time, tuple(record.argv))
+
+    def _spawn_supervisor(
+        self,
+        runtime: LabRuntime,
+        plan: NodePlan,
+        identity: ProcessIdentity | None,
+        want_running: bool,
+    ) -> VmSupervisor:
+        assert self._group is not None, "the daemon is not serving"
+        supervisor = VmSupervisor(plan, build_argv(plan, self.host), self, self.settings)
+        runtime.supervisors[plan.name] = supervisor
+        runtime.tasks[plan.name] = self._group.create_task(
+            supervisor.run(identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
+        )
+        return supervisor
+
+    # --- operations ---------------------------------------------------------------------
+
+    def _save_record(self, runtime: LabRuntime) -> None:
+        write_json(
+            self.layout.lab_state_dir(runtime.name) / "lab.json",
+            runtime.record.model_dump(mode="json"),
+        )
+
+    def parse(self, text: str, source: str) -> Lab:
+        return parse_topology_text(text, source, file_exists=lambda path: Path(path).is_file())
+
+    async def up(self, lab: Lab) -> AsyncIterator[dict[str, Any]]:
+        """Bring a lab to what its file says; yields progress until every node runs or failed.
+
+        All checks (plan, ports) come before anything starts, so a refused `up` changes
+        nothing. On a lab that is up, only nodes whose command line changed are restarted.
+        """
+        async with self._lab_lock:
+            previous = load_allocations(self.layout)
+            plan, allocations = plan_lab(lab, self.layout, previous)
+            runtime = self.labs.get(lab.name)
+            argvs = {name: build_argv(node, self.host) for name, node in plan.nodes.items()}
+            to_start, to_restart, to_remove = self._diff(runtime, plan, argvs)
+            self._preflight([plan.nodes[name] for name in to_start])
+            save_allocations(self.layout, allocations)
+            if runtime is None:
+                runtime = LabRuntime(LabRecord(lab=lab), plan)
+                self.labs[lab.name] = runtime
+            runtime.record = LabRecord(
+                lab=lab, stopped=[n for n in runtime.record.stopped if n in plan.nodes]
+            )
+            runtime.plan = plan
+            self._save_record(runtime)
+            yield {"event": "plan", "lab": lab.name, "start": sorted(to_start),
+                   "restart": sorted(to_restart), "remove": sorted(to_remove)}  # fmt: skip
+
+            with self.subscribe() as updates:
+                for name in to_remove:
+                    await self._remove_node(runtime, name)
+                waiting: dict[str, asyncio.Future[VmStatus]] = {}
+                for name in to_restart:
+                    supervisor = runtime.supervisors[name]
+                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
+                    waiting[name] = supervisor.submit("restart")
+                for name in to_start:
+                    supervisor = runtime.supervisors.get(name) or self._spawn_supervisor(
+                        runtime, plan.nodes[name], None, want_running=False
+                    )
+                    waiting[name] = supervisor.submit("start")
+                async for update in self._progress(lab.name, waiting, updates):
+                    yield update
+
+    def _diff(
+        self, runtime: LabRuntime | None, plan: LabPlan, argvs: dict[str, list[str]]
+    ) -> tuple[set[str], set[str], set[str]]:
+        if runtime is None:
+            return set(plan.nodes), set(), set()
+        current = runtime.supervisors
+        to_remove = set(current) - set(plan.nodes)
+        to_start, to_restart = set(), set()
+        for name in plan.nodes:
+            supervisor = current.get(name)
+            if supervisor is None:
+                to_start.add(name)
+            elif supervisor.argv != argvs[name]:
+                if supervisor.status.state in (VmState.STOPPED, VmState.FAILED):
+                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
+                    if name not in runtime.record.stopped:
+                        to_start.add(name)
+                else:
+                    to_restart.add(name)
+            elif supervisor.status.state in (VmState.STOPPED, VmState.FAILED) and (
+                name not in runtime.record.stopped
+            ):
+                to_start.add(name)
+        return to_start, to_restart, to_remove
+
+    def _preflight(self, nodes: list[NodePlan]) -> None:
+        """Every port of every node about to start is free, or nothing starts."""
+        for plan in nodes:
+            try:
+                self.check_ports(plan)
+            except PortInUseError as error:
+                raise ControlError(
+                    f"cannot start {plan.lab}/{plan.name}: {error}; nothing was started",
+                    status=409,
+                ) from error
+            except HostError as error:
+                raise ControlError(f"cannot start {plan.lab}/{plan.name}: {error}", 409) from error
+
+    async def _progress(
+        self,
+        lab: str,
+        waiting: dict[str, asyncio.Future[VmStatus]],
+        updates: asyncio.Queue[dict[str, Any]],
+    ) -> AsyncIterator[dict[str, Any]]:
+        pending = set(waiting)
+        failed: dict[str, str] = {}
+        while pending:
+            getter = asyncio.ensure_future(updates.get())
+            watched: set[asyncio.Future[Any]] = {getter, *(waiting[name] for name in pending)}
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                update = getter.result()
+                if update.get("lab") == lab:
+                    yield update
+            else:
+                getter.cancel()
+            for name in list(pending):
+                future = waiting[name]
+                if future.done():
+                    pending.discard(name)
+                    if future.exception() is not None:
+                        failed[name] = str(future.exception())
+        while not updates.empty():
+            update = updates.get_nowait()
+            if update.get("lab") == lab:
+                yield update
+        yield {"event": "done", "lab": lab, "failed": failed}
+
+    async def _remove_node(self, runtime: LabRuntime, name: str) -> None:
+        supervisor = runtime.supervisors.pop(name)
+        with contextlib.suppress(QlinkError):
+            await supervisor.submit("stop")
+        runtime.tasks.pop(name).cancel()
+
+    async def down(self, lab_name: str) -> AsyncIterator[dict[str, Any]]:
+        async with self._lab_lock:
+            runtime = self.labs.get(lab_name)
+            if runtime is None:
+                raise ControlError(f"no lab named {lab_name!r} is up", status=404)
+            with self.subscribe() as updates:
+                waiting = {name: sup.submit("stop") for name, sup in runtime.supervisors.items()}
+                async for update in self._progress(lab_name, waiting, updates):
+                    yield update
+            for task in runtime.tasks.values():
+                task.cancel()
+            del self.labs[lab_name]
+            (self.layout.lab_state_dir(lab_name) / "lab.json").unlink(missing_ok=True)
+            log.info("lab_down", lab=lab_name)
+
+    def find_node(self, reference: str) -> tuple[LabRuntime, VmSupervisor]:
+        """`node` or `lab/node`; a bare name must be unambiguous."""
+        lab_name, _, node_name = reference.rpartition("/")
+        matches = [
+            (runtime, runtime.supervisors[node_name])
+            for runtime in self.labs.values()
+            if node_name in runtime.supervisors and lab_name in ("", runtime.name)
+        ]
+        if not matches:
+            raise ControlError(f"no node {reference!r} in any lab that is up", status=404)
+        if len(matches) > 1:
+            labs = ", ".join(runtime.name for runtime, _ in matches)
+            raise ControlError(
+                f"node {node_name!r} is in several labs ({labs}): say LAB/{node_name}", 409
+            )
+        return matches[0]
+
+    async def node_command(self, reference: str, verb: str, graceful: bool = True) -> VmStatus:
+        runtime, supervisor = self.find_node(reference)
+        if verb not in ("start", "stop", "restart"):
+            raise ControlError(f"unknown verb {verb!r}", status=400)
+        stopped = set(runtime.record.stopped)
+        stopped.discard(supervisor.name) if verb != "stop" else stopped.add(supervisor.name)
+        if stopped != set(runtime.record.stopped):
+            runtime.record = LabRecord(lab=runtime.record.lab, stopped=sorted(stopped))
+            self._save_record(runtime)
+        try:
+            return await supervisor.submit(verb, graceful)  # type: ignore[arg-type]
+        except QlinkError as error:
+            raise ControlError(str(error), status=500) from error
+
+    def status(self) -> list[dict[str, Any]]:
+        rows = []
+        for runtime in sorted(self.labs.values(), key=lambda r: r.name):
+            for name, supervisor in runtime.supervisors.items():
+                plan = supervisor.plan
+                rows.append(
+                    {
+                        "lab": runtime.name,
+                        "node": name,
+                        **supervisor.status.as_dict(),
+                        "ports": {nic.interface: nic.local_port for nic in plan.nics},
+                        "ssh": (
+                            f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}"
+                            if plan.mgmt is not None
+                            else None
+                        ),
+                        "qmp": str(plan.paths.qmp_socket),
+                        "console": str(plan.paths.console_socket),
+                    }
+                )
+        return rows
+
+    def links(self) -> list[dict[str, Any]]:
+        rows = []
+        for runtime in sorted(self.labs.values(), key=lambda r: r.name):
+            for link in runtime.plan.links:
+                ends = []
+                for end, port in ((link.a, link.a_port), (link.b, link.b_port)):
+                    supervisor = runtime.supervisors.get(end.node)
+                    nic = runtime.plan.nodes[end.node].nic(end.interface)
+                    ends.append(
+                        {
+                            "endpoint": str(end),
+                            "port": port,
+                            "mac": nic.mac,
+                            "pci": f"{nic.place.bus}/{nic.place.addr}",
+                            "node_state": supervisor.status.state.value if supervisor else None,
+                        }
+                    )
+                rows.append({"lab": runtime.name, "a": ends[0], "b": ends[1]})
+        return rows

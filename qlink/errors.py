@@ -1,0 +1,108 @@
+"""Every error qlink raises on purpose.
+
+Errors carry data; only the CLI turns them into a message, a hint and an exit code.
+
+    QlinkError
+     ├── ConfigError          the topology file is wrong (file, line, field, what); exit 2
+     ├── PlanError            a valid file that cannot be planned (port clash across labs, ...)
+     ├── HostError            the host lacks something (qemu binary, a kernel file, free disk)
+     │    └── PortInUseError  a UDP port the plan needs is held by another process
+     ├── LaunchError          QEMU refused to start: argv, exit code, the tail of its stderr
+     ├── VmError              a running VM misbehaved (QMP gone, did not stop in time)
+     └── ControlError         the control API answered with an error, or was unreachable
+          └── DaemonUnreachable  no qlinkd answers on the control socket; exit 3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class QlinkError(Exception):
+    """Base of every error qlink raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One thing wrong in a topology file, located as precisely as the parser allows."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class ConfigError(QlinkError):
+    """The topology file is invalid; holds every issue found, in file order."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        # A default shared by several nodes yields the same issue once per node: say it once.
+        self.issues: tuple[ConfigIssue, ...] = tuple(
+            sorted(dict.fromkeys(issues), key=lambda issue: (issue.line or 0, issue.field))
+        )
+        super().__init__("\n".join(str(issue) for issue in self.issues))
+
+
+class PlanError(QlinkError):
+    """A valid topology that cannot be turned into a plan."""
+
+
+class HostError(QlinkError):
+    """The host cannot run what was planned."""
+
+
+class PortInUseError(HostError):
+    """A UDP port the plan binds is already bound by someone else."""
+
+    def __init__(self, port: int, address: str, holder: str | None) -> None:
+        self.port = port
+        self.address = address
+        self.holder = holder
+        held_by = f" by {holder}" if holder else ""
+        super().__init__(f"UDP {address}:{port} is already bound{held_by}")
+
+
+class LaunchError(QlinkError):
+    """QEMU did not come up: it exited, or never answered on QMP."""
+
+    def __init__(
+        self, reason: str, argv: Sequence[str], returncode: int | None, stderr_tail: str
+    ) -> None:
+        self.reason = reason
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        tail = f"\n{stderr_tail.rstrip()}" if stderr_tail.strip() else ""
+        super().__init__(f"{reason}{tail}")
+
+
+class VmError(QlinkError):
+    """A running VM did something the supervisor could not handle."""
+
+
+class ControlError(QlinkError):
+    """The control API refused a request; `status` is the HTTP status it answered."""
+
+    def __init__(self, message: str, status: int = 500, hint: str | None = None) -> None:
+        self.status = status
+        self.hint = hint
+        super().__init__(message)
+
+
+class DaemonUnreachable(ControlError):
+    """Nothing answers on the control socket."""
+
+    def __init__(self, socket_path: str, cause: str) -> None:
+        self.socket_path = socket_path
+        super().__init__(
+            f"qlinkd is not answering on {socket_path}: {cause}",
+            status=503,
+            hint="start it with `systemctl start qlinkd` or `qlinkd --root DIR`",
+        )

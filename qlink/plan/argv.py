@@ -1,0 +1,117 @@
+"""The QEMU command line of a node: a pure function of its plan and a few host facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qlink.plan.identity import DISK_SLOT, MGMT_SLOT, ROOT_BUS, bridge_id, bridge_place
+from qlink.plan.lab import NodePlan
+from qlink.topology import ResolvedAccel
+
+OptionValue = str | int | bool
+
+
+@dataclass(frozen=True, slots=True)
+class HostFacts:
+    """What the argv needs to know about the host; `host.probe_host` finds them out."""
+
+    qemu_binary: str = "qemu-system-x86_64"
+    kvm_usable: bool = False
+
+    def accel_for(self, requested: str) -> ResolvedAccel:
+        if requested == "kvm":
+            return "kvm"
+        if requested == "tcg":
+            return "tcg"
+        return "kvm" if self.kvm_usable else "tcg"
+
+
+def render_value(value: OptionValue) -> str:
+    """One QemuOpts value: booleans as on/off, and commas doubled, QEMU's escape for them."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value).replace(",", ",,")
+
+
+def qemu_opts(head: str | None = None, /, **options: OptionValue) -> str:
+    """`head,key=value,...` with every value escaped.
+
+    Keys are QEMU's own property names, verbatim; the ones with a dash or a dot are passed
+    as `**{"debug-threads": True}`.
+    """
+    parts = [render_value(head)] if head is not None else []
+    parts += [f"{key}={render_value(value)}" for key, value in options.items()]
+    return ",".join(parts)
+
+
+def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
+    """The exact argv of `plan`'s QEMU, one option and its value per line."""
+    node = plan.node
+    paths = plan.paths
+    accel = host.accel_for(node.accel)
+    cpu = node.cpu or ("host" if accel == "kvm" else "max")
+    argv = [
+        host.qemu_binary,
+        "-name", qemu_opts(guest=node.name, **{"debug-threads": True}),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-machine", node.machine,
+        "-accel", accel,
+        "-cpu", cpu,
+        "-smp", str(node.cpus),
+        "-m", f"{node.memory}M",
+        "-msg", qemu_opts(timestamp=True),
+        "-pidfile", str(paths.pidfile),
+        # QMP on a path, not an inherited fd, so a restarted qlinkd can reconnect to it.
+        "-chardev", qemu_opts("socket", id="qmp", path=str(paths.qmp_socket), server=True,
+                              wait=False),
+        "-mon", qemu_opts(chardev="qmp", mode="control"),
+        # The console log is written by QEMU itself, so it is kept whether or not anyone
+        # is attached and survives qlinkd restarts.
+        "-chardev", qemu_opts("socket", id="console", path=str(paths.console_socket),
+                              server=True, wait=False, logfile=str(paths.console_log),
+                              logappend=True),
+        "-serial", "chardev:console",
+        # With pvpanic a guest panic makes QEMU exit non-zero: the process exit stays the one
+        # truth the supervisor watches, instead of a paused VM that looks alive.
+        "-device", "pvpanic",
+        "-action", qemu_opts(panic="exit-failure"),
+    ]  # fmt: skip
+    if node.kernel is not None:
+        argv += ["-kernel", node.kernel]
+        if node.initrd is not None:
+            argv += ["-initrd", node.initrd]
+        if node.append is not None:
+            argv += ["-append", node.append]
+    else:
+        argv += [
+            "-blockdev", qemu_opts(driver="qcow2", **{"node-name": "disk0", "file.driver": "file",
+                                   "file.filename": str(paths.overlay)}),
+            "-device", qemu_opts("virtio-blk-pci", drive="disk0", id="disk0", bus=ROOT_BUS,
+                                 addr=f"{DISK_SLOT:#x}", bootindex=0),
+        ]  # fmt: skip
+    if plan.mgmt is not None:
+        mgmt = plan.mgmt
+        forward = f"tcp:{mgmt.host_address}:{mgmt.ssh_port}-:22"
+        argv += [
+            "-netdev", qemu_opts("user", id=mgmt.netdev_id, hostfwd=forward),
+            "-device", qemu_opts(node.nic_model, netdev=mgmt.netdev_id, id=mgmt.device_id,
+                                 mac=mgmt.mac, bus=ROOT_BUS, addr=f"{MGMT_SLOT:#x}"),
+        ]  # fmt: skip
+    for index in range(plan.bridges):
+        place = bridge_place(index)
+        argv += [
+            "-device", qemu_opts("pci-bridge", id=bridge_id(index), bus=place.bus,
+                                 addr=place.addr, chassis_nr=index + 1, shpc=False),
+        ]  # fmt: skip
+    for nic in plan.nics:
+        argv += [
+            "-netdev", qemu_opts("socket", id=nic.netdev_id,
+                                 udp=f"{nic.remote_address}:{nic.remote_port}",
+                                 localaddr=f"{nic.local_address}:{nic.local_port}"),
+            "-device", qemu_opts(node.nic_model, netdev=nic.netdev_id, id=nic.device_id,
+                                 mac=nic.mac, bus=nic.place.bus, addr=nic.place.addr),
+        ]  # fmt: skip
+    argv += node.extra_args
+    return argv

@@ -1,0 +1,63 @@
+"""A plan as plain data: what `qlinkctl plan -o json` prints and the golden files hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qlink.plan.argv import HostFacts, build_argv
+from qlink.plan.lab import LabPlan, NodePlan
+
+
+def node_document(plan: NodePlan, host: HostFacts) -> dict[str, Any]:
+    node = plan.node
+    paths = plan.paths
+    return {
+        "name": plan.name,
+        "accel": host.accel_for(node.accel),
+        "memory_mib": node.memory,
+        "cpus": node.cpus,
+        "restart": node.restart,
+        "nics": [
+            {
+                "interface": nic.interface,
+                "mac": nic.mac,
+                "position": nic.position,
+                "pci": {"bus": nic.place.bus, "addr": nic.place.addr},
+                "local": f"{nic.local_address}:{nic.local_port}",
+                "remote": f"{nic.remote_address}:{nic.remote_port}",
+                "peer": str(nic.peer),
+            }
+            for nic in plan.nics
+        ],
+        "mgmt": (
+            None
+            if plan.mgmt is None
+            else {"mac": plan.mgmt.mac, "ssh": f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}"}
+        ),
+        "paths": {
+            "qmp_socket": str(paths.qmp_socket),
+            "console_socket": str(paths.console_socket),
+            "console_log": str(paths.console_log),
+            "qemu_log": str(paths.qemu_log),
+            "pidfile": str(paths.pidfile),
+            **({"overlay": str(paths.overlay), "image": node.image} if node.image else {}),
+        },
+        "argv": build_argv(plan, host),
+    }
+
+
+def lab_document(plan: LabPlan, host: HostFacts) -> dict[str, Any]:
+    return {
+        "lab": plan.name,
+        "source": plan.source,
+        "nodes": {name: node_document(node, host) for name, node in sorted(plan.nodes.items())},
+        "links": [
+            {
+                "a": str(link.a),
+                "b": str(link.b),
+                "a_port": link.a_port,
+                "b_port": link.b_port,
+            }
+            for link in plan.links
+        ],
+    }

@@ -1,0 +1,420 @@
+"""One QEMU process: launch it all-or-nothing, watch its exit, stop it by a ladder, adopt it.
+
+A VM must outlive qlinkd, so QEMU runs in its own session with its output in a log file, and
+is watched through a pidfd: the same way whether qlinkd started it or adopted it after a
+restart. The process exit is the truth; a QMP EOF is only a symptom.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import structlog
+from asyncinotify import Inotify, Mask
+
+from qlink.errors import HostError, LaunchError, PortInUseError, VmError
+from qlink.plan.paths import NodePaths
+from qlink.runtime.qmp import QmpSession
+
+log = structlog.get_logger(__name__)
+
+STDERR_TAIL_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    """What makes a PID this VM and not a stranger that reused the number."""
+
+    pid: int
+    start_time: float
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How QEMU ended; `returncode` is unknown for a process that was not our child."""
+
+    returncode: int | None
+
+    @property
+    def clean(self) -> bool:
+        return self.returncode == 0
+
+    def describe(self) -> str:
+        if self.returncode is None:
+            return "exited (status unknown: not our child)"
+        if self.returncode < 0:
+            return f"killed by {signal.Signals(-self.returncode).name}"
+        return f"exited with status {self.returncode}"
+
+
+class QemuProcess:
+    """A QEMU process watched through a pidfd; signals go through the pidfd too, so a
+    signal can never reach a process that reused the PID."""
+
+    def __init__(self, identity: ProcessIdentity, pidfd: int, is_child: bool) -> None:
+        self.identity = identity
+        self._pidfd = pidfd
+        self._is_child = is_child
+        self._exit: asyncio.Future[ExitStatus] | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.identity.pid
+
+    @property
+    def exited(self) -> bool:
+        return self.exit_status is not None
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        """How it ended, once it has; None while it runs."""
+        if self._exit is None or not self._exit.done():
+            return None
+        return self._exit.result()
+
+    async def wait(self) -> ExitStatus:
+        """Until the process is gone (reaped if it is our child).
+
+        Cancelling a waiter never cancels the watch itself: every waiter gets a shield.
+        """
+        if self._exit is None:
+            loop = asyncio.get_running_loop()
+            self._exit = loop.create_future()
+            loop.add_reader(self._pidfd, self._on_exit)
+        return await asyncio.shield(self._exit)
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._pidfd)
+        status = ExitStatus(self._reap())
+        os.close(self._pidfd)
+        if self._exit is not None and not self._exit.done():
+            self._exit.set_result(status)
+
+    def _reap(self) -> int | None:
+        if not self._is_child:
+            return None
+        try:
+            result = os.waitid(os.P_PIDFD, self._pidfd, os.WEXITED)
+        except ChildProcessError:
+            return None
+        if result is None:
+            return None
+        if result.si_code == os.CLD_EXITED:
+            return result.si_status
+        return -result.si_status
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        if self.exited:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+
+# --- before launch ------------------------------------------------------------------------
+
+
+def udp_port_holder(port: int) -> str | None:
+    """Who holds a UDP port, as `pid 123 (name)`, if the kernel will tell."""
+    with contextlib.suppress(psutil.AccessDenied, OSError):
+        for connection in psutil.net_connections(kind="udp"):
+            if connection.laddr and connection.laddr.port == port and connection.pid:
+                with contextlib.suppress(psutil.Error):
+                    return f"pid {connection.pid} ({psutil.Process(connection.pid).name()})"
+                return f"pid {connection.pid}"
+    return None
+
+
+def check_udp_ports_free(address: str, ports: Sequence[int]) -> None:
+    """Refuse a port someone else holds.
+
+    QEMU binds its UDP netdevs with SO_REUSEADDR, so a second QEMU on the same port starts
+    without a word and steals the link's frames. A bind without SO_REUSEADDR fails on any
+    port that is in use, which is the check QEMU does not make.
+    """
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind((address, port))
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    raise HostError(f"cannot bind UDP {address}:{port}: {error}") from error
+                raise PortInUseError(port, address, udp_port_holder(port)) from error
+
+
+def check_tcp_port_free(address: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            raise HostError(f"TCP {address}:{port} (management SSH) is in use: {error}") from error
+
+
+def create_overlay(image: Path, overlay: Path) -> bool:
+    """A qcow2 overlay on `image`, unless it exists; returns whether one was created."""
+    if overlay.exists():
+        return False
+    if not image.is_file():
+        raise HostError(f"image {image} does not exist")
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", str(image)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    if info.returncode != 0:
+        raise HostError(f"qemu-img cannot read {image}: {info.stderr.strip()}")
+    backing_format = _json_field(info.stdout, "format")
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    partial = overlay.with_suffix(".partial")
+    created = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(image),
+         str(partial)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    if created.returncode != 0:
+        partial.unlink(missing_ok=True)
+        raise HostError(f"qemu-img could not create {overlay}: {created.stderr.strip()}")
+    partial.rename(overlay)
+    return True
+
+
+def _json_field(text: str, field: str) -> str:
+    value = json.loads(text).get(field)
+    if not isinstance(value, str):
+        raise HostError(f"qemu-img info gave no {field}")
+    return value
+
+
+def prepare_directories(paths: NodePaths) -> None:
+    paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+
+
+# --- launch -------------------------------------------------------------------------------
+
+
+def _spawn(argv: Sequence[str], log_path: Path) -> int:
+    """Start QEMU in a session of its own, output appended to its log; returns the PID.
+
+    posix_spawn, not subprocess: subprocess keeps its own books of children and may reap
+    one behind our back, which would steal the exit status the pidfd watcher needs.
+    """
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.posix_spawnp(
+            argv[0],
+            list(argv),
+            dict(os.environ),
+            file_actions=[
+                (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                (os.POSIX_SPAWN_DUP2, log_fd, 2),
+            ],
+            setsid=True,
+        )
+    except OSError as error:
+        raise LaunchError(f"cannot start {argv[0]}: {error}", argv, None, "") from error
+    finally:
+        os.close(log_fd)
+        os.close(null_fd)
+
+
+def _tail(path: Path, start: int) -> str:
+    with contextlib.suppress(OSError), path.open("rb") as handle:
+        handle.seek(max(start, path.stat().st_size - STDERR_TAIL_BYTES))
+        return handle.read().decode(errors="replace")
+    return ""
+
+
+async def _created(inotify: Inotify, name: str) -> None:
+    async for event in inotify:
+        if event.name is not None and str(event.name) == name:
+            return
+
+
+async def launch(
+    argv: Sequence[str], paths: NodePaths, timeout: float = 30.0, qmp_name: str = "qlink"
+) -> tuple[QemuProcess, QmpSession]:
+    """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
+
+    Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
+    bound and listening before the next, and the plan puts QMP before the console. So the
+    console socket appearing (inotify) means QMP listens; the exit of QEMU ends the wait too.
+    """
+    prepare_directories(paths)
+    for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
+        stale.unlink(missing_ok=True)
+    log_start = paths.qemu_log.stat().st_size if paths.qemu_log.exists() else 0
+    with Inotify() as inotify:
+        inotify.add_watch(paths.runtime_dir, Mask.CREATE | Mask.MOVED_TO)
+        pid = _spawn(argv, paths.qemu_log)
+        process = _child(pid, argv)
+        try:
+            async with asyncio.timeout(timeout):
+                ready = asyncio.ensure_future(_created(inotify, paths.console_socket.name))
+                exited = asyncio.ensure_future(process.wait())
+                try:
+                    await asyncio.wait((ready, exited), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    ready.cancel()
+                    exited.cancel()
+                if (status := process.exit_status) is not None:
+                    raise LaunchError(
+                        f"QEMU {status.describe()} during start-up",
+                        argv,
+                        status.returncode,
+                        _tail(paths.qemu_log, log_start),
+                    )
+                qmp = await QmpSession.connect(qmp_name, paths.qmp_socket, timeout)
+        except BaseException as error:
+            await _reap_failed_launch(process)
+            if isinstance(error, LaunchError):
+                raise
+            if isinstance(error, TimeoutError | VmError):
+                raise LaunchError(
+                    f"QEMU did not become ready within {timeout:g} s",
+                    argv,
+                    None,
+                    _tail(paths.qemu_log, log_start),
+                ) from error
+            raise
+    log.info("qemu_spawned", pid=pid, argv=list(argv))
+    return process, qmp
+
+
+async def _reap_failed_launch(process: QemuProcess) -> None:
+    process.send_signal(signal.SIGKILL)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(10):
+            await process.wait()
+
+
+def _child(pid: int, argv: Sequence[str]) -> QemuProcess:
+    pidfd = os.pidfd_open(pid)
+    try:
+        start_time = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        start_time = 0.0  # it died already; the pidfd still reports the exit
+    return QemuProcess(ProcessIdentity(pid, start_time, tuple(argv)), pidfd, is_child=True)
+
+
+# --- adoption -----------------------------------------------------------------------------
+
+
+class AdoptVerdict(enum.Enum):
+    ADOPTED = "adopted"
+    GONE = "gone"
+    STRANGER = "stranger"
+
+
+def adopt(identity: ProcessIdentity) -> tuple[AdoptVerdict, QemuProcess | None]:
+    """Take over a VM a previous qlinkd started, after proving it is that VM.
+
+    The PID alone proves nothing (PIDs are reused), so the start time and the full command
+    line must match what was recorded when it was launched. A zombie counts as gone.
+    """
+    try:
+        candidate = psutil.Process(identity.pid)
+        if candidate.status() == psutil.STATUS_ZOMBIE:
+            return AdoptVerdict.GONE, None
+        matches = (
+            abs(candidate.create_time() - identity.start_time) < 0.05
+            and tuple(candidate.cmdline()) == identity.argv
+        )
+    except psutil.NoSuchProcess:
+        return AdoptVerdict.GONE, None
+    except psutil.AccessDenied:
+        return AdoptVerdict.STRANGER, None
+    if not matches:
+        return AdoptVerdict.STRANGER, None
+    try:
+        pidfd = os.pidfd_open(identity.pid)
+    except ProcessLookupError:
+        return AdoptVerdict.GONE, None
+    # It could have died and its PID been reused between the check and pidfd_open: check
+    # again through the pidfd's own process.
+    try:
+        if psutil.Process(identity.pid).create_time() != candidate.create_time():
+            os.close(pidfd)
+            return AdoptVerdict.GONE, None
+    except psutil.NoSuchProcess:
+        os.close(pidfd)
+        return AdoptVerdict.GONE, None
+    return AdoptVerdict.ADOPTED, QemuProcess(identity, pidfd, is_child=False)
+
+
+# --- stop ladder --------------------------------------------------------------------------
+
+
+class StopStep(enum.Enum):
+    ALREADY_GONE = "already_gone"
+    POWERDOWN = "system_powerdown"
+    QUIT = "quit"
+    SIGTERM = "SIGTERM"
+    SIGKILL = "SIGKILL"
+
+
+@dataclass(frozen=True, slots=True)
+class StopTimeouts:
+    powerdown: float = 30.0
+    powerdown_retry: float = 2.0
+    quit: float = 5.0
+    sigterm: float = 5.0
+    sigkill: float = 10.0
+
+
+async def _gone_within(process: QemuProcess, seconds: float) -> bool:
+    try:
+        async with asyncio.timeout(seconds):
+            await process.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
+async def stop(
+    process: QemuProcess,
+    qmp: QmpSession | None,
+    timeouts: StopTimeouts = StopTimeouts(),
+    graceful: bool = True,
+) -> StopStep:
+    """Stop QEMU by the gentlest step that works; returns the step that did it.
+
+    ACPI power-down first (repeated: a guest still booting does not listen yet), then QMP
+    `quit`, then SIGTERM, then SIGKILL; each waits for the process itself to be gone.
+    """
+    if process.exited:
+        return StopStep.ALREADY_GONE
+    if graceful and qmp is not None and timeouts.powerdown > 0:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeouts.powerdown
+        while (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(VmError):
+                await qmp.execute("system_powerdown", timeout=min(left, 2.0))
+            if await _gone_within(process, min(left, timeouts.powerdown_retry)):
+                return StopStep.POWERDOWN
+    if qmp is not None and qmp.connected:
+        with contextlib.suppress(VmError):
+            await qmp.execute("quit", timeout=timeouts.quit)
+        if await _gone_within(process, timeouts.quit):
+            return StopStep.QUIT
+    process.send_signal(signal.SIGTERM)
+    if await _gone_within(process, timeouts.sigterm):
+        return StopStep.SIGTERM
+    process.send_signal(signal.SIGKILL)
+    if await _gone_within(process, timeouts.sigkill):
+        return StopStep.SIGKILL
+    raise VmError(f"QEMU pid {process.pid} survived SIGKILL for {timeouts.sigkill:g} s")

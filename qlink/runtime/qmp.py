@@ -1,0 +1,83 @@
+"""A thin, time-bounded layer over `qemu.qmp.QMPClient` for one VM's monitor socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
+from qemu.qmp.error import QMPError
+
+from qlink.errors import VmError
+
+# Every event the supervisor acts on; the rest (NIC_RX_FILTER_CHANGED, RTC_CHANGE ...) is noise.
+WATCHED_EVENTS = ("SHUTDOWN", "RESET", "GUEST_PANICKED", "STOP", "RESUME", "POWERDOWN")
+
+
+def _nothing(event: Any) -> bool:
+    return False
+
+
+class QmpSession:
+    """One connected QMP client; every command has a deadline."""
+
+    def __init__(self, name: str, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        self._client = QMPClient(name)
+        # The client's default listener cannot be removed, and would queue (and keep in its
+        # history) every event for the life of the VM; its public filter turns it off.
+        self._client.events.event_filter = _nothing
+
+    @classmethod
+    async def connect(cls, name: str, socket_path: Path, timeout: float) -> QmpSession:
+        session = cls(name, socket_path)
+        try:
+            async with asyncio.timeout(timeout):
+                await session._client.connect(str(socket_path))
+        except (ConnectError, TimeoutError) as error:
+            raise VmError(f"QMP at {socket_path} did not answer: {error}") from error
+        return session
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate == Runstate.RUNNING
+
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> Any:
+        """Run one QMP command; a QEMU that does not answer in time is a `VmError`."""
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, arguments)
+        except ExecuteError as error:
+            raise VmError(f"QMP {command} failed: {error.error_class}: {error}") from error
+        except TimeoutError as error:
+            raise VmError(f"QMP {command} got no answer within {timeout:g} s") from error
+        except (QMPError, OSError, EOFError) as error:
+            raise VmError(f"QMP {command} failed: {type(error).__name__}: {error}") from error
+
+    @contextlib.contextmanager
+    def listen(self, names: Iterable[str] = WATCHED_EVENTS) -> Any:
+        listener = EventListener(names)
+        with self._client.listen(listener):
+            yield listener
+
+    async def disconnected(self) -> None:
+        """Return once the server hung up (QEMU exited, or closed the monitor)."""
+        while self._client.runstate == Runstate.RUNNING:
+            await self._client.runstate_changed()
+
+    async def close(self) -> None:
+        """Disconnect; the EOF of a QEMU that already went away is expected, not an error."""
+        if self._client.runstate == Runstate.IDLE:
+            return
+        with contextlib.suppress(QMPError, OSError, EOFError):
+            await self._client.disconnect()
+
+
+async def events(listener: EventListener) -> AsyncIterator[dict[str, Any]]:
+    async for event in listener:
+        yield dict(event)

@@ -1,0 +1,60 @@
+"""Files qlink keeps under its root, each written atomically (temp file, fsync, rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from qlink.errors import HostError
+from qlink.plan.allocations import Allocations
+from qlink.plan.paths import Layout
+
+
+def write_atomically(path: Path, content: str, mode: int = 0o644) -> None:
+    """Replace `path` with `content` so that a crash leaves the old or the new file, whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def write_json(path: Path, document: Any) -> None:
+    write_atomically(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def load_allocations(layout: Layout) -> Allocations:
+    path = layout.allocations_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Allocations()
+    except OSError as error:
+        raise HostError(f"cannot read {path}: {error}") from error
+    try:
+        return Allocations.model_validate_json(text)
+    except ValidationError as error:
+        raise HostError(
+            f"{path} is damaged ({error.error_count()} errors); move it away"
+        ) from error
+
+
+def save_allocations(layout: Layout, allocations: Allocations) -> None:
+    write_json(layout.allocations_file, allocations.model_dump())

@@ -1,0 +1,53 @@
+"""Golden plans: every file in configs/ (and tests/data/) planned in full, pinned in tests/golden/.
+
+Regenerate with `make golden` (`python -m tests.golden`), then review the diff like code.
+Paths are written with two placeholders so that the files do not depend on the checkout:
+`@ROOT@` for the qlink root and `@REPO@` for the repository.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from qlink.plan import HostFacts, Layout, plan_lab
+from qlink.plan.render import lab_document
+from qlink.topology import load_topology
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN_DIR = REPO / "tests" / "golden"
+ROOT_MARK = "@ROOT@"
+REPO_MARK = "@REPO@"
+GOLDEN_HOST = HostFacts(qemu_binary="qemu-system-x86_64", kvm_usable=False)
+
+
+def sources() -> list[Path]:
+    return sorted((REPO / "configs").glob("*.yaml")) + sorted((REPO / "tests/data").glob("*.yaml"))
+
+
+def golden_path(source: Path) -> Path:
+    return GOLDEN_DIR / f"{source.stem}.json"
+
+
+def render(source: Path) -> str:
+    lab = load_topology(source)
+    plan, _ = plan_lab(lab, Layout.under(Path(ROOT_MARK)))
+    text = json.dumps(lab_document(plan, GOLDEN_HOST), indent=2) + "\n"
+    return text.replace(str(REPO), REPO_MARK)
+
+
+def instantiate(document_text: str, root: Path) -> Any:
+    """A golden document with its placeholders filled in, ready to launch."""
+    return json.loads(document_text.replace(ROOT_MARK, str(root)).replace(REPO_MARK, str(REPO)))
+
+
+def main() -> None:
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    for source in sources():
+        golden_path(source).write_text(render(source))
+        print(f"wrote {golden_path(source).relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
