@@ -13,15 +13,17 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from qlink.client import Client
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
-from qlink.host import describe_host_without_qemu, find_qemu, probe_host
-from qlink.plan import HostFacts, Layout, build_argv, plan_lab
-from qlink.plan.render import lab_document, node_document
-from qlink.state import load_allocations
-from qlink.topology import Lab, load_topology
+from qlink.plan.paths import Layout
+
+# The daemon verbs (status, restart ...) need only the client: the planning stack (pydantic,
+# ruamel.yaml, structlog) is imported by the verbs that plan, so `qlinkctl status` stays fast.
+if TYPE_CHECKING:
+    from qlink.plan.argv import HostFacts
+    from qlink.topology import Lab
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -63,6 +65,9 @@ def argv_lines(argv: Sequence[str]) -> str:
 
 def host_facts_for(lab: Lab) -> HostFacts:
     """Probe the host only when a node leaves the accelerator to qlink."""
+    from qlink.host import describe_host_without_qemu, find_qemu, probe_host
+    from qlink.plan.argv import HostFacts
+
     if all(node.accel != "auto" for node in lab.nodes.values()):
         try:
             return HostFacts(qemu_binary=find_qemu())
@@ -79,6 +84,8 @@ def host_facts_for(lab: Lab) -> HostFacts:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from qlink.topology import load_topology
+
     lab = load_topology(args.file, file_exists=file_exists)
     links = len(lab.links)
     print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
@@ -86,6 +93,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from qlink.plan.argv import build_argv
+    from qlink.plan.lab import plan_lab
+    from qlink.plan.render import lab_document, node_document
+    from qlink.state import load_allocations
+    from qlink.topology import load_topology
+
     lab = load_topology(args.file)
     layout = layout_from(args.root)
     plan, _ = plan_lab(lab, layout, load_allocations(layout))
@@ -328,3 +341,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> NoReturn:
     raise SystemExit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -18,12 +18,15 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qlink.errors import ControlError, HostError, PortInUseError, QlinkError
-from qlink.plan import HostFacts, LabPlan, Layout, NodePlan, build_argv, plan_lab
+from qlink.plan.argv import HostFacts, build_argv
+from qlink.plan.lab import LabPlan, NodePlan, plan_lab
+from qlink.plan.paths import Layout
 from qlink.runtime.process import (
     ProcessIdentity,
     check_tcp_port_free,
     check_udp_ports_free,
     create_overlay,
+    ports_in_use,
 )
 from qlink.state import load_allocations, save_allocations, write_json
 from qlink.supervisor import Hooks, SupervisorSettings, VmState, VmStatus, VmSupervisor
@@ -176,7 +179,7 @@ class Daemon(Hooks):
         want_running: bool,
     ) -> VmSupervisor:
         assert self._group is not None, "the daemon is not serving"
-        supervisor = VmSupervisor(plan, build_argv(plan, self.host), self, self.settings)
+        supervisor = VmSupervisor(plan, build_argv(plan, self.host), self, settings=self.settings)
         runtime.supervisors[plan.name] = supervisor
         runtime.tasks[plan.name] = self._group.create_task(
             supervisor.run(identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
@@ -202,7 +205,13 @@ class Daemon(Hooks):
         """
         async with self._lab_lock:
             previous = load_allocations(self.layout)
-            plan, allocations = plan_lab(lab, self.layout, previous)
+            plan, allocations = plan_lab(
+                lab,
+                self.layout,
+                previous,
+                busy_udp=ports_in_use("udp"),
+                busy_tcp=ports_in_use("tcp"),
+            )
             runtime = self.labs.get(lab.name)
             argvs = {name: build_argv(node, self.host) for name, node in plan.nodes.items()}
             to_start, to_restart, to_remove = self._diff(runtime, plan, argvs)

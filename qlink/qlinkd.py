@@ -19,7 +19,7 @@ from qlink.cli import layout_from
 from qlink.daemon import Daemon
 from qlink.errors import HostError, QlinkError
 from qlink.host import probe_host
-from qlink.plan import Layout
+from qlink.plan.paths import Layout
 from qlink.runtime.process import StopTimeouts
 from qlink.supervisor import Backoff, Liveness, SupervisorSettings
 from qlink.systemd import notify

@@ -21,27 +21,72 @@ import enum
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import structlog
 
 from qlink.errors import QlinkError, VmError
 from qlink.plan.lab import NodePlan
-from qlink.runtime.process import (
-    AdoptVerdict,
-    ExitStatus,
-    ProcessIdentity,
-    QemuProcess,
-    StopTimeouts,
-    adopt,
-    launch,
-    stop,
-)
+from qlink.runtime import process as real_process
+from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
 from qlink.runtime.qmp import QmpSession
 
 log = structlog.get_logger(__name__)
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor needs of a QEMU process (`runtime.process.QemuProcess`)."""
+
+    @property
+    def identity(self) -> ProcessIdentity: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exited(self) -> bool: ...
+    async def wait(self) -> ExitStatus: ...
+    def send_signal(self, signum: signal.Signals) -> None: ...
+
+
+class MonitorHandle(Protocol):
+    """What the supervisor needs of a QMP connection (`runtime.qmp.QmpSession`)."""
+
+    @property
+    def connected(self) -> bool: ...
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> Any: ...
+    def listen(self, names: Iterable[str] = ...) -> AbstractContextManager[AsyncIterator[Any]]: ...
+    async def close(self) -> None: ...
+
+
+class VmRuntime:
+    """The runtime operations a supervisor drives; tests of the state machine substitute
+    fakes here, the product always uses these."""
+
+    async def launch(
+        self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
+    ) -> tuple[ProcessHandle, MonitorHandle]:
+        return await real_process.launch(argv, plan.paths, timeout, qmp_name)
+
+    def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
+        return real_process.adopt(identity)
+
+    async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle:
+        return await QmpSession.connect(name, plan.paths.qmp_socket, timeout)
+
+    async def stop(
+        self,
+        process: ProcessHandle,
+        qmp: MonitorHandle | None,
+        timeouts: StopTimeouts,
+        graceful: bool,
+    ) -> StopStep:
+        assert isinstance(process, real_process.QemuProcess)
+        assert qmp is None or isinstance(qmp, QmpSession)
+        return await real_process.stop(process, qmp, timeouts, graceful)
 
 
 class VmState(enum.StrEnum):
@@ -164,18 +209,21 @@ class VmSupervisor:
         plan: NodePlan,
         argv: list[str],
         hooks: Hooks,
-        settings: SupervisorSettings = SupervisorSettings(),
+        *,
+        settings: SupervisorSettings | None = None,
         rng: random.Random | None = None,
+        runtime: VmRuntime | None = None,
     ) -> None:
         self.plan = plan
         self.argv = argv
         self.status = VmStatus()
         self._hooks = hooks
-        self._settings = settings
+        self._settings = settings or SupervisorSettings()
+        self._runtime = runtime or VmRuntime()
         self._rng = rng or random.Random()
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
-        self._process: QemuProcess | None = None
-        self._qmp: QmpSession | None = None
+        self._process: ProcessHandle | None = None
+        self._qmp: MonitorHandle | None = None
         self._log = log.bind(lab=plan.lab, node=plan.name)
         self._state_waiters: list[tuple[Callable[[VmStatus], bool], asyncio.Future[None]]] = []
 
@@ -184,7 +232,7 @@ class VmSupervisor:
         return self.plan.name
 
     @property
-    def qmp(self) -> QmpSession | None:
+    def qmp(self) -> MonitorHandle | None:
         return self._qmp if self.status.state == VmState.RUNNING else None
 
     # --- the public side: commands queue up for the task -------------------------------
@@ -259,21 +307,19 @@ class VmSupervisor:
                 future.set_result(None)
 
     async def _adopt(self, identity: ProcessIdentity) -> bool:
-        verdict, process = adopt(identity)
+        verdict, process = self._runtime.adopt(identity)
         if verdict is not AdoptVerdict.ADOPTED or process is None:
             self._log.info("vm_not_adopted", pid=identity.pid, verdict=verdict.value)
             self._hooks.record_process(self.plan, None)
             return False
         try:
-            qmp = await QmpSession.connect(
-                f"{self.plan.lab}/{self.plan.name}",
-                self.plan.paths.qmp_socket,
-                self._settings.launch_timeout,
+            qmp = await self._runtime.connect(
+                f"{self.plan.lab}/{self.plan.name}", self.plan, self._settings.launch_timeout
             )
         except VmError as error:
             # Alive but deaf: kill it, and let the policy bring it back.
             self._log.warning("vm_adopt_qmp_failed", pid=identity.pid, error=str(error))
-            await stop(process, None, self._settings.stop_timeouts, graceful=False)
+            await self._runtime.stop(process, None, self._settings.stop_timeouts, graceful=False)
             self._hooks.record_process(self.plan, None)
             return False
         self._process, self._qmp = process, qmp
@@ -333,9 +379,9 @@ class VmSupervisor:
         self._set_state(VmState.STARTING, pid=None, next_start_at=None)
         self._hooks.check_ports(self.plan)
         self._hooks.prepare_disk(self.plan)
-        process, qmp = await launch(
+        process, qmp = await self._runtime.launch(
             self.argv,
-            self.plan.paths,
+            self.plan,
             self._settings.launch_timeout,
             qmp_name=f"{self.plan.lab}/{self.plan.name}",
         )
@@ -431,7 +477,7 @@ class VmSupervisor:
             # RUNNING → STOPPING
             self._set_state(VmState.STOPPING)
             try:
-                step = await stop(
+                step = await self._runtime.stop(
                     process,
                     None if command.name == "kill" else qmp,
                     self._settings.stop_timeouts,
@@ -457,7 +503,9 @@ class VmSupervisor:
         self._process, self._qmp = None, None
         self._hooks.record_process(self.plan, None)
 
-    async def _watch(self, process: QemuProcess, qmp: QmpSession) -> ExitStatus | Command | _Hung:
+    async def _watch(
+        self, process: ProcessHandle, qmp: MonitorHandle
+    ) -> ExitStatus | Command | _Hung:
         """Until the process exits, a command arrives, or QMP stops answering; QMP events
         are recorded meanwhile."""
         async with asyncio.TaskGroup() as group:
@@ -480,7 +528,7 @@ class VmSupervisor:
             return commanded.result()
         return hung.result()
 
-    async def _record_events(self, qmp: QmpSession) -> None:
+    async def _record_events(self, qmp: MonitorHandle) -> None:
         with qmp.listen() as listener:
             async for event in listener:
                 name = event["event"]
@@ -496,7 +544,7 @@ class VmSupervisor:
                 else:
                     self._log.info("vm_qmp_event", qmp_event=name, data=data)
 
-    async def _liveness(self, qmp: QmpSession) -> _Hung:
+    async def _liveness(self, qmp: MonitorHandle) -> _Hung:
         """A heartbeat: returns once `misses` query-status in a row went unanswered."""
         liveness = self._settings.liveness
         misses = 0

@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qlink.plan import HostFacts, Layout, plan_lab
+from qlink.plan.argv import HostFacts
+from qlink.plan.lab import plan_lab
+from qlink.plan.paths import Layout
 from qlink.plan.render import lab_document
 from qlink.topology import load_topology
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qlink.errors import PlanError
-from qlink.plan import Allocations, Layout, plan_lab
+from qlink.plan.allocations import Allocations
 from qlink.plan.identity import (
     POSITION_CAPACITY,
     PciPlace,
@@ -19,6 +19,8 @@ from qlink.plan.identity import (
     natural_position,
     place_of,
 )
+from qlink.plan.lab import plan_lab
+from qlink.plan.paths import Layout
 from qlink.topology import Endpoint, Lab, Link, Node
 
 LAYOUT = Layout.under(Path("/q"))
@@ -303,3 +305,11 @@ def test_macs_and_places_do_not_depend_on_other_links(pairs: list[tuple[str, str
         number = natural_position(interface)
         if number is not None and numbers[node_name, number] == 1:
             assert value[:3] == alone[key][:3], key  # type: ignore[index]
+
+
+def test_fresh_ports_avoid_ports_busy_on_the_host_but_remembered_ones_stay() -> None:
+    lab = make_lab("l", [link("a:swp1", "b:swp1")])
+    plan, memory = plan_lab(lab, LAYOUT, busy_udp=frozenset({20000, 20002}))
+    assert sorted(plan.nodes["a"].udp_ports() + plan.nodes["b"].udp_ports()) == [20001, 20003]
+    again, _ = plan_lab(lab, LAYOUT, memory, busy_udp=frozenset({20001, 20003}))
+    assert again.nodes["a"].udp_ports() == plan.nodes["a"].udp_ports()

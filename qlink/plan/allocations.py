@@ -64,14 +64,17 @@ def allocate_ports(
     requests: Iterable[PortRequest],
     remembered: Mapping[str, int],
     held_elsewhere: Mapping[str, int],
+    *,
     pool: range,
     kind: str,
+    avoid: frozenset[int] = frozenset(),
 ) -> dict[str, int]:
     """Give every request a port, keeping what was remembered where it is still free.
 
     `held_elsewhere` are other labs' ports: never taken, and a fixed port that hits one is an
-    error. Requests come in a stable order, so a fresh allocation is a pure function of the
-    file too.
+    error. `avoid` are ports someone on the host holds now: a fresh pick skips them, while a
+    fixed or remembered port is kept (the launch then names whoever holds it). Requests come
+    in a stable order, so a fresh allocation is a pure function of the inputs.
     """
     requests = list(requests)
     owner_of_port = {port: key for key, port in held_elsewhere.items()}
@@ -96,7 +99,7 @@ def allocate_ports(
         assigned[request.key] = port
         taken.add(port)
 
-    free = (port for port in pool if port not in taken)
+    free = (port for port in pool if port not in taken and port not in avoid)
     for request in requests:
         if request.key in assigned:
             continue

@@ -132,10 +132,17 @@ def plan_lab(
     lab: Lab,
     layout: Layout,
     previous: Allocations | None = None,
+    *,
     udp_pool: range = DEFAULT_UDP_PORTS,
     ssh_pool: range = DEFAULT_SSH_PORTS,
+    busy_udp: frozenset[int] = frozenset(),
+    busy_tcp: frozenset[int] = frozenset(),
 ) -> tuple[LabPlan, Allocations]:
-    """Plan every node of `lab`; return the plan and the allocations to remember."""
+    """Plan every node of `lab`; return the plan and the allocations to remember.
+
+    `busy_udp` and `busy_tcp` are ports the host has in use right now (the daemon looks them
+    up): new allocations avoid them.
+    """
     previous = previous or Allocations()
     elsewhere = previous.other_labs(lab.name)
 
@@ -153,6 +160,7 @@ def plan_lab(
         held_elsewhere=elsewhere.udp_ports,
         pool=udp_pool,
         kind="UDP",
+        avoid=busy_udp,
     )
     ssh_ports = allocate_ports(
         (
@@ -164,6 +172,7 @@ def plan_lab(
         held_elsewhere=elsewhere.ssh_ports,
         pool=ssh_pool,
         kind="TCP",
+        avoid=busy_tcp,
     )
 
     positions: dict[str, int] = {}

@@ -138,6 +138,18 @@ def udp_port_holder(port: int) -> str | None:
     return None
 
 
+def ports_in_use(kind: str) -> frozenset[int]:
+    """Local ports bound on this host now (`udp` or `tcp`), for allocations to avoid."""
+    try:
+        return frozenset(
+            connection.laddr.port
+            for connection in psutil.net_connections(kind=kind)
+            if connection.laddr
+        )
+    except (psutil.AccessDenied, OSError):
+        return frozenset()
+
+
 def check_udp_ports_free(address: str, ports: Sequence[int]) -> None:
     """Refuse a port someone else holds.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +60,11 @@ class QmpSession:
             raise VmError(f"QMP {command} failed: {type(error).__name__}: {error}") from error
 
     @contextlib.contextmanager
-    def listen(self, names: Iterable[str] = WATCHED_EVENTS) -> Any:
+    def listen(self, names: Iterable[str] = WATCHED_EVENTS) -> Iterator[AsyncIterator[Any]]:
+        """QMP events of these names while the block runs, as an async iterator."""
         listener = EventListener(names)
         with self._client.listen(listener):
-            yield listener
+            yield aiter(listener)
 
     async def disconnected(self) -> None:
         """Return once the server hung up (QEMU exited, or closed the monitor)."""
@@ -76,8 +77,3 @@ class QmpSession:
             return
         with contextlib.suppress(QMPError, OSError, EOFError):
             await self._client.disconnect()
-
-
-async def events(listener: EventListener) -> AsyncIterator[dict[str, Any]]:
-    async for event in listener:
-        yield dict(event)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from qlink.errors import LaunchError
-from qlink.plan import Layout
+from qlink.plan.paths import Layout
 from qlink.runtime.process import create_overlay, launch
 from qlink.runtime.qmp import QmpSession
 from tests.conftest import GuestFiles
