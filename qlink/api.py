@@ -95,7 +95,8 @@ def build_app(daemon: Daemon) -> web.Application:
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
             raise ControlError('body must be {"source": PATH, "text": YAML}', status=400)
         lab = daemon.parse(body["text"], str(body.get("source", "<request>")))
-        return await _stream(request, daemon.up(lab))
+        dry_run = request.query.get("dry_run", "0") not in ("0", "false", "")
+        return await _stream(request, daemon.up(lab, dry_run=dry_run))
 
     @routes.delete(API + "/labs/{lab}")
     async def down(request: web.Request) -> web.StreamResponse:
@@ -108,6 +109,22 @@ def build_app(daemon: Daemon) -> web.Application:
             request.match_info["node"], request.match_info["verb"], graceful
         )
         return web.json_response({"node": request.match_info["node"], **status.as_dict()})
+
+    @routes.post(API + "/links/{endpoint:.+}/{state:up|down}")
+    async def link_state(request: web.Request) -> web.StreamResponse:
+        row = await daemon.set_link(
+            request.match_info["endpoint"], request.match_info["state"] == "up"
+        )
+        return web.json_response(row)
+
+    @routes.post(API + "/nodes/{node:.+}/qmp")
+    async def qmp(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("execute"), str):
+            raise ControlError('body must be {"execute": COMMAND, "arguments": {...}}', 400)
+        arguments = body.get("arguments") or {}
+        result = await daemon.qmp(request.match_info["node"], body["execute"], arguments)
+        return web.json_response({"return": result})
 
     app = web.Application(middlewares=[errors_as_json])
     app.add_routes(routes)

@@ -126,9 +126,13 @@ def _client(args: argparse.Namespace) -> Client:
 def _progress_line(event: dict[str, Any]) -> str | None:
     kind = event.get("event")
     if kind == "plan":
-        parts = [f"{verb} {', '.join(event[verb])}" for verb in ("start", "restart", "remove")
-                 if event[verb]]  # fmt: skip
-        return f"{event['lab']}: " + ("; ".join(parts) if parts else "nothing to change")
+        lines = [f"{event['lab']}: " + (
+            "; ".join(f"{verb} {', '.join(event[verb])}"
+                      for verb in ("start", "restart", "remove") if event[verb])
+            or "nothing to change")]  # fmt: skip
+        for verb in ("start", "restart", "remove"):
+            lines += [f"  {verb} {node}: {why}" for node, why in event[verb].items()]
+        return "\n".join(lines)
     if kind == "node_state":
         detail = f" (pid {event['pid']})" if event.get("pid") else ""
         if event.get("last_error") and event["state"] in ("backoff", "failed"):
@@ -139,13 +143,15 @@ def _progress_line(event: dict[str, Any]) -> str | None:
 
 def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
     """Show progress on a terminal; the last event says whether everything got there."""
-    show = sys.stderr.isatty() or getattr(args, "verbose", False)
+    dry_run = getattr(args, "dry_run", False)
+    show = sys.stderr.isatty() or getattr(args, "verbose", False) or dry_run
     last: dict[str, Any] = {}
     for event in events:
         last = event
         line = _progress_line(event)
         if show and line:
-            print(line, file=sys.stderr, flush=True)
+            # A dry run's plan is its answer (stdout); elsewhere progress is commentary.
+            print(line, file=sys.stdout if dry_run else sys.stderr, flush=True)
     failed: dict[str, str] = last.get("failed", {})
     if getattr(args, "output", "text") == "json":
         print(json.dumps(last, indent=2))
@@ -160,8 +166,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise UsageError(f"cannot read {args.file}: {error.strerror}") from error
-    code = _follow(args, _client(args).stream("POST", "/labs", {"source": str(path), "text": text}))
-    if code == EXIT_OK and args.output == "text":
+    query = "?dry_run=1" if args.dry_run else ""
+    request = {"source": str(path), "text": text}
+    if args.dry_run:
+        args.verbose = True  # the plan is the whole answer of a dry run
+    code = _follow(args, _client(args).stream("POST", f"/labs{query}", request))
+    if code == EXIT_OK and args.output == "text" and not args.dry_run:
         _print_status(_client(args).get("/status")["nodes"], only_lab=None)
     return code
 
@@ -233,13 +243,44 @@ def cmd_links(args: argparse.Namespace) -> int:
         return EXIT_OK
     rows = [
         [link["lab"], link["a"]["endpoint"], str(link["a"]["port"]), link["a"]["mac"],
-         link["b"]["endpoint"], str(link["b"]["port"]), link["b"]["mac"]]
+         link["b"]["endpoint"], str(link["b"]["port"]), link["b"]["mac"], link["admin"],
+         _carrier_text(link)]
         for link in links
     ]  # fmt: skip
     if not rows:
         print("no labs are up")
         return EXIT_OK
-    print(table(["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC"], rows))
+    headers = ["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC", "ADMIN", "CARRIER"]
+    print(table(headers, rows))
+    return EXIT_OK
+
+
+def _carrier_text(link: dict[str, Any]) -> str:
+    a, b = link["a"]["carrier"], link["b"]["carrier"]
+    return a if a == b else f"{link['a']['endpoint']} {a}, {link['b']['endpoint']} {b}"
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    arguments: dict[str, Any] = {}
+    for item in args.arguments:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"QMP arguments are KEY=VALUE (VALUE as JSON or text), not {item!r}")
+        try:
+            arguments[key] = json.loads(value)
+        except json.JSONDecodeError:
+            arguments[key] = value
+    reply = _client(args).post(
+        f"/nodes/{args.node}/qmp", {"execute": args.command_name, "arguments": arguments}
+    )
+    result = reply["return"]
+    print(result if isinstance(result, str) else json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    row = _client(args).post(f"/links/{args.endpoint}/{args.state}")
+    print(f"{row['link']}: admin {row['admin']}, carrier {_carrier_text(row)}")
     return EXIT_OK
 
 
@@ -274,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("file")
     up.add_argument("-o", "--output", choices=("text", "json"), default="text")
     up.add_argument("-v", "--verbose", action="store_true", help="progress even off a terminal")
+    up.add_argument(
+        "--dry-run", action="store_true", help="say what would change on a running lab, and why"
+    )
     up.set_defaults(handler=cmd_up)
 
     down = commands.add_parser("down", help="stop every node of a lab and forget it")
@@ -290,6 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     links = commands.add_parser("links", help="every link: both ends, ports, MACs")
     links.add_argument("-o", "--output", choices=("text", "json"), default="text")
     links.set_defaults(handler=cmd_links)
+
+    link = commands.add_parser("link", help="cut or restore a cable: both ends lose carrier")
+    link.add_argument("state", choices=("down", "up"))
+    link.add_argument("endpoint", metavar="NODE:IF", help="either end, NODE:IF or LAB/NODE:IF")
+    link.set_defaults(handler=cmd_link)
+
+    qmp = commands.add_parser("qmp", help="run a QMP command through qlinkd")
+    qmp.add_argument("node", metavar="NODE")
+    qmp.add_argument("command_name", metavar="COMMAND")
+    qmp.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
+    qmp.set_defaults(handler=cmd_qmp)
 
     for verb, text in (
         ("start", "start nodes (clears a failed state)"),

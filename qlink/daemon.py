@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from qlink.errors import ControlError, HostError, PortInUseError, QlinkError
+from qlink.errors import ControlError, HostError, PortInUseError, QlinkError, VmError
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
 from qlink.plan.paths import Layout
@@ -30,7 +30,7 @@ from qlink.runtime.process import (
 )
 from qlink.state import load_allocations, save_allocations, write_json
 from qlink.supervisor import Hooks, SupervisorSettings, VmState, VmStatus, VmSupervisor
-from qlink.topology import Lab, parse_topology_text
+from qlink.topology import Lab, Link, parse_topology_text
 
 log = structlog.get_logger("qlinkd")
 
@@ -43,6 +43,8 @@ class LabRecord(BaseModel):
     lab: Lab
     stopped: list[str] = []
     """Nodes an operator stopped: they stay stopped across daemon restarts."""
+    links_down: list[str] = []
+    """Links an operator cut (`qlinkctl link down`), by `Link.key`; kept across restarts."""
 
 
 class ProcessRecord(BaseModel):
@@ -59,14 +61,65 @@ class LabRuntime:
     plan: LabPlan
     supervisors: dict[str, VmSupervisor] = field(default_factory=dict)
     tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # Carrier changes are computed and applied one at a time per lab, so that the last
+    # application always reflects the latest node states.
+    carrier_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def name(self) -> str:
         return self.plan.name
 
+    def running(self, node: str) -> bool:
+        supervisor = self.supervisors.get(node)
+        return supervisor is not None and supervisor.status.state == VmState.RUNNING
+
+    def carrier(self, link: Link, node: str) -> tuple[bool, str]:
+        """Whether `node`'s end of `link` should have carrier, and why not."""
+        if link.key in self.record.links_down:
+            return False, "down (admin)"
+        interface = next(end.interface for end in link.endpoints if end.node == node)
+        peer = link.peer_of(node, interface)
+        if self.record.lab.carrier_follows_peer and not self.running(peer.node):
+            return False, f"down ({peer.node} not running)"
+        return True, "up"
+
 
 def _process_file(plan: NodePlan) -> Path:
     return plan.paths.state_dir / "process.json"
+
+
+@dataclass
+class LabChange:
+    """Node name → why, for each thing `up` will do."""
+
+    start: dict[str, str] = field(default_factory=dict)
+    restart: dict[str, str] = field(default_factory=dict)
+    remove: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, dict[str, str]]:
+        return {
+            "start": dict(sorted(self.start.items())),
+            "restart": dict(sorted(self.restart.items())),
+            "remove": dict(sorted(self.remove.items())),
+        }
+
+
+def _argv_difference(old: list[str], new: list[str]) -> str:
+    """The options that differ, as `-m 256M → -m 512M`, `+ -netdev ...`, `- -device ...`."""
+
+    def options(argv: list[str]) -> list[str]:
+        pairs, index = [], 1
+        while index < len(argv):
+            takes_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")
+            pairs.append(" ".join(argv[index : index + (2 if takes_value else 1)]))
+            index += 2 if takes_value else 1
+        return pairs
+
+    before, after = options(old), options(new)
+    removed = [item for item in before if item not in after]
+    added = [item for item in after if item not in before]
+    parts = [f"- {item}" for item in removed] + [f"+ {item}" for item in added]
+    return "; ".join(parts) if parts else "option order changed"
 
 
 class Daemon(Hooks):
@@ -112,6 +165,61 @@ class Daemon(Hooks):
         update = {"event": "node_state", "lab": plan.lab, "node": plan.name, **status.as_dict()}
         for queue in self._subscribers:
             queue.put_nowait(update)
+        runtime = self.labs.get(plan.lab)
+        if runtime is not None and self._group is not None and status.state in (
+            VmState.RUNNING, VmState.STOPPING, VmState.BACKOFF, VmState.FAILED, VmState.STOPPED,
+        ):  # fmt: skip
+            self._group.create_task(
+                self._apply_carrier(runtime, plan.name), name=f"carrier:{plan.lab}/{plan.name}"
+            )
+
+    async def _apply_carrier(self, runtime: LabRuntime, node: str) -> None:
+        """Give every end of `node`'s links the carrier it should have now: its own ends (a
+        QEMU that just started has every link up) and its peers' (they follow it)."""
+        async with runtime.carrier_lock:
+            for link in runtime.record.lab.links:
+                if not any(end.node == node for end in link.endpoints):
+                    continue
+                for end in link.endpoints:
+                    await self._set_carrier(runtime, link, end.node, end.interface)
+
+    async def _set_carrier(
+        self, runtime: LabRuntime, link: Link, node: str, interface: str
+    ) -> None:
+        supervisor = runtime.supervisors.get(node)
+        qmp = supervisor.qmp if supervisor is not None else None
+        if qmp is None:
+            return  # not running: it gets its carrier when it starts
+        up, reason = runtime.carrier(link, node)
+        netdev = runtime.plan.nodes[node].nic(interface).netdev_id
+        try:
+            # set_link on the netdev takes the backend down and tells the NIC, so the guest
+            # sees carrier loss (virtio-net link status) and no frame passes either way.
+            await qmp.execute("set_link", {"name": netdev, "up": up})
+        except VmError as error:
+            log.warning("carrier_not_set", node=node, interface=interface, error=str(error))
+            return
+        log.info("carrier_set", lab=runtime.name, node=node, interface=interface, up=up,
+                 reason=reason)  # fmt: skip
+
+    async def set_link(self, reference: str, up: bool) -> dict[str, Any]:
+        """`link down|up NODE:IF` (or `LAB/NODE:IF`): a cut cable, both ends, remembered."""
+        node_ref, sep, interface = reference.rpartition(":")
+        if not sep:
+            raise ControlError(f"say NODE:INTERFACE, not {reference!r}", status=400)
+        runtime, supervisor = self.find_node(node_ref)
+        link = runtime.record.lab.link_of(supervisor.name, interface)
+        if link is None:
+            raise ControlError(f"{supervisor.name} has no interface {interface!r}", status=404)
+        down = set(runtime.record.links_down)
+        down.discard(link.key) if up else down.add(link.key)
+        runtime.record = runtime.record.model_copy(update={"links_down": sorted(down)})
+        self._save_record(runtime)
+        async with runtime.carrier_lock:
+            for end in link.endpoints:
+                await self._set_carrier(runtime, link, end.node, end.interface)
+        log.info("link_admin", lab=runtime.name, link=link.key, up=up)
+        return self._link_row(runtime, link)
 
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
@@ -197,11 +305,12 @@ class Daemon(Hooks):
     def parse(self, text: str, source: str) -> Lab:
         return parse_topology_text(text, source, file_exists=lambda path: Path(path).is_file())
 
-    async def up(self, lab: Lab) -> AsyncIterator[dict[str, Any]]:
+    async def up(self, lab: Lab, dry_run: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Bring a lab to what its file says; yields progress until every node runs or failed.
 
         All checks (plan, ports) come before anything starts, so a refused `up` changes
-        nothing. On a lab that is up, only nodes whose command line changed are restarted.
+        nothing. On a lab that is up, only nodes whose command line changed are restarted,
+        and nodes gone from the file are stopped; `dry_run` only says what would change.
         """
         async with self._lab_lock:
             previous = load_allocations(self.layout)
@@ -214,29 +323,37 @@ class Daemon(Hooks):
             )
             runtime = self.labs.get(lab.name)
             argvs = {name: build_argv(node, self.host) for name, node in plan.nodes.items()}
-            to_start, to_restart, to_remove = self._diff(runtime, plan, argvs)
-            self._preflight([plan.nodes[name] for name in to_start])
+            change = self._diff(runtime, plan, argvs)
+            summary = {"event": "plan", "lab": lab.name, **change.as_dict()}
+            if dry_run:
+                yield summary
+                yield {"event": "done", "lab": lab.name, "failed": {}, "dry_run": True}
+                return
+            self._preflight([plan.nodes[name] for name in change.start])
             save_allocations(self.layout, allocations)
             if runtime is None:
                 runtime = LabRuntime(LabRecord(lab=lab), plan)
                 self.labs[lab.name] = runtime
+            keys = {link.key for link in lab.links}
             runtime.record = LabRecord(
-                lab=lab, stopped=[n for n in runtime.record.stopped if n in plan.nodes]
+                lab=lab,
+                stopped=[n for n in runtime.record.stopped if n in plan.nodes],
+                links_down=[k for k in runtime.record.links_down if k in keys],
             )
             runtime.plan = plan
             self._save_record(runtime)
-            yield {"event": "plan", "lab": lab.name, "start": sorted(to_start),
-                   "restart": sorted(to_restart), "remove": sorted(to_remove)}  # fmt: skip
+            for name, supervisor in runtime.supervisors.items():
+                if name in plan.nodes:
+                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
+            yield summary
 
             with self.subscribe() as updates:
-                for name in to_remove:
+                for name in change.remove:
                     await self._remove_node(runtime, name)
                 waiting: dict[str, asyncio.Future[VmStatus]] = {}
-                for name in to_restart:
-                    supervisor = runtime.supervisors[name]
-                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
-                    waiting[name] = supervisor.submit("restart")
-                for name in to_start:
+                for name in change.restart:
+                    waiting[name] = runtime.supervisors[name].submit("restart")
+                for name in change.start:
                     supervisor = runtime.supervisors.get(name) or self._spawn_supervisor(
                         runtime, plan.nodes[name], None, want_running=False
                     )
@@ -246,28 +363,32 @@ class Daemon(Hooks):
 
     def _diff(
         self, runtime: LabRuntime | None, plan: LabPlan, argvs: dict[str, list[str]]
-    ) -> tuple[set[str], set[str], set[str]]:
+    ) -> LabChange:
+        """What `up` has to do to a running lab, and why; changes nothing itself."""
+        change = LabChange()
         if runtime is None:
-            return set(plan.nodes), set(), set()
+            change.start = {name: "new lab" for name in plan.nodes}
+            return change
         current = runtime.supervisors
-        to_remove = set(current) - set(plan.nodes)
-        to_start, to_restart = set(), set()
+        change.remove = {
+            name: "not in the file any more" for name in set(current) - set(plan.nodes)
+        }
         for name in plan.nodes:
             supervisor = current.get(name)
             if supervisor is None:
-                to_start.add(name)
-            elif supervisor.argv != argvs[name]:
-                if supervisor.status.state in (VmState.STOPPED, VmState.FAILED):
-                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
-                    if name not in runtime.record.stopped:
-                        to_start.add(name)
-                else:
-                    to_restart.add(name)
-            elif supervisor.status.state in (VmState.STOPPED, VmState.FAILED) and (
-                name not in runtime.record.stopped
-            ):
-                to_start.add(name)
-        return to_start, to_restart, to_remove
+                change.start[name] = "new node"
+                continue
+            idle = supervisor.status.state in (VmState.STOPPED, VmState.FAILED)
+            operator_stopped = name in runtime.record.stopped
+            if supervisor.argv != argvs[name]:
+                why = "command line changed: " + _argv_difference(supervisor.argv, argvs[name])
+                if not idle:
+                    change.restart[name] = why
+                elif not operator_stopped:
+                    change.start[name] = why
+            elif idle and not operator_stopped:
+                change.start[name] = f"was {supervisor.status.state.value}"
+        return change
 
     def _preflight(self, nodes: list[NodePlan]) -> None:
         """Every port of every node about to start is free, or nothing starts."""
@@ -357,12 +478,23 @@ class Daemon(Hooks):
         stopped = set(runtime.record.stopped)
         stopped.discard(supervisor.name) if verb != "stop" else stopped.add(supervisor.name)
         if stopped != set(runtime.record.stopped):
-            runtime.record = LabRecord(lab=runtime.record.lab, stopped=sorted(stopped))
+            runtime.record = runtime.record.model_copy(update={"stopped": sorted(stopped)})
             self._save_record(runtime)
         try:
             return await supervisor.submit(verb, graceful)  # type: ignore[arg-type]
         except QlinkError as error:
             raise ControlError(str(error), status=500) from error
+
+    async def qmp(self, reference: str, command: str, arguments: dict[str, Any]) -> Any:
+        """A QMP command through the daemon's own connection: QEMU serves one QMP client."""
+        _, supervisor = self.find_node(reference)
+        qmp = supervisor.qmp
+        if qmp is None:
+            raise ControlError(f"{reference} is {supervisor.status.state.value}", status=409)
+        try:
+            return await qmp.execute(command, arguments or None, timeout=30)
+        except VmError as error:
+            raise ControlError(str(error), status=422) from error
 
     def status(self) -> list[dict[str, Any]]:
         rows = []
@@ -387,21 +519,27 @@ class Daemon(Hooks):
         return rows
 
     def links(self) -> list[dict[str, Any]]:
-        rows = []
-        for runtime in sorted(self.labs.values(), key=lambda r: r.name):
-            for link in runtime.plan.links:
-                ends = []
-                for end, port in ((link.a, link.a_port), (link.b, link.b_port)):
-                    supervisor = runtime.supervisors.get(end.node)
-                    nic = runtime.plan.nodes[end.node].nic(end.interface)
-                    ends.append(
-                        {
-                            "endpoint": str(end),
-                            "port": port,
-                            "mac": nic.mac,
-                            "pci": f"{nic.place.bus}/{nic.place.addr}",
-                            "node_state": supervisor.status.state.value if supervisor else None,
-                        }
-                    )
-                rows.append({"lab": runtime.name, "a": ends[0], "b": ends[1]})
-        return rows
+        return [
+            self._link_row(runtime, link)
+            for runtime in sorted(self.labs.values(), key=lambda r: r.name)
+            for link in runtime.record.lab.links
+        ]
+
+    def _link_row(self, runtime: LabRuntime, link: Link) -> dict[str, Any]:
+        ends = []
+        for end in link.endpoints:
+            supervisor = runtime.supervisors.get(end.node)
+            nic = runtime.plan.nodes[end.node].nic(end.interface)
+            _, carrier = runtime.carrier(link, end.node)
+            ends.append(
+                {
+                    "endpoint": str(end),
+                    "port": nic.local_port,
+                    "mac": nic.mac,
+                    "pci": f"{nic.place.bus}/{nic.place.addr}",
+                    "node_state": supervisor.status.state.value if supervisor else None,
+                    "carrier": carrier,
+                }
+            )
+        state = "down" if link.key in runtime.record.links_down else "up"
+        return {"lab": runtime.name, "link": link.key, "admin": state, "a": ends[0], "b": ends[1]}

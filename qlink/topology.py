@@ -184,6 +184,15 @@ class Link(_Strict):
     endpoints: tuple[Endpoint, Endpoint]
     ports: tuple[UdpPort, UdpPort] | None = None
 
+    @property
+    def key(self) -> str:
+        """The cable's name whichever way round it is written: `a:swp1--b:swp1`."""
+        return "--".join(sorted(str(end) for end in self.endpoints))
+
+    def peer_of(self, node: str, interface: str) -> Endpoint:
+        first, second = self.endpoints
+        return second if (first.node, first.interface) == (node, interface) else first
+
     @model_validator(mode="before")
     @classmethod
     def _from_short_form(cls, data: Any) -> Any:
@@ -200,6 +209,10 @@ class Topology(_Strict):
     defaults: NodeSettings = NodeSettings()
     nodes: dict[NodeName, NodeSettings] = Field(min_length=1)
     links: tuple[Link, ...] = ()
+    carrier_follows_peer: bool = Field(
+        default=True,
+        description="a node that stops takes its peers' ports down, as a rebooting switch does",
+    )
 
     @field_validator("nodes", mode="before")
     @classmethod
@@ -236,6 +249,13 @@ class Lab(_Strict):
     source: str = Field(description="the file the lab was read from, for messages")
     nodes: dict[str, Node]
     links: tuple[Link, ...]
+    carrier_follows_peer: bool = True
+
+    def link_of(self, node: str, interface: str) -> Link | None:
+        for link in self.links:
+            if any(end.node == node and end.interface == interface for end in link.endpoints):
+                return link
+        return None
 
     def interfaces(self, node: str) -> list[str]:
         """The node's interface names, in the order of the file's links."""
@@ -455,7 +475,13 @@ def _resolve(topology: Topology, source: str) -> Lab:
         for path_field in ("kernel", "initrd", "image"):
             fields[path_field] = _anchor(fields[path_field], base)
         nodes[name] = Node(name=name, **fields)
-    return Lab(name=topology.name, source=source, nodes=nodes, links=topology.links)
+    return Lab(
+        name=topology.name,
+        source=source,
+        nodes=nodes,
+        links=topology.links,
+        carrier_follows_peer=topology.carrier_follows_peer,
+    )
 
 
 def iter_endpoints(links: Sequence[Link]) -> Iterator[tuple[Endpoint, Endpoint]]:
