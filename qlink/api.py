@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from qlink.capture import capture
 from qlink.daemon import Daemon
 from qlink.errors import ConfigError, ControlError, QlinkError
 
@@ -126,6 +127,29 @@ def build_app(daemon: Daemon) -> web.Application:
         result = await daemon.qmp(request.match_info["node"], body["execute"], arguments)
         return web.json_response({"return": result})
 
+    @routes.get(API + "/captures/{endpoint:.+}")
+    async def capture_link(request: web.Request) -> web.StreamResponse:
+        node_ref, sep, interface = request.match_info["endpoint"].rpartition(":")
+        if not sep:
+            raise ControlError("say NODE:INTERFACE", status=400)
+        _, supervisor = daemon.find_node(node_ref)
+        packets = capture(supervisor, interface)
+        first = await anext(packets)  # the pcap header; errors before it are plain replies
+        response = web.StreamResponse(headers={"Content-Type": "application/vnd.tcpdump.pcap"})
+        await response.prepare(request)
+        await response.write(first)
+        seconds = float(request.query.get("seconds", 0)) or None
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    async for chunk in packets:
+                        await response.write(chunk)
+        finally:
+            # Time is up, the client went away (the handler is cancelled) or QEMU did.
+            await packets.aclose()
+        await response.write_eof()
+        return response
+
     app = web.Application(middlewares=[errors_as_json])
     app.add_routes(routes)
     return app
@@ -133,7 +157,11 @@ def build_app(daemon: Daemon) -> web.Application:
 
 async def serve_api(daemon: Daemon, socket_path: Path, ready: asyncio.Event) -> None:
     """Serve until cancelled; the socket is 0660 so that a `qlink` group can be given access."""
-    runner = web.AppRunner(build_app(daemon), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that hangs up (Ctrl-C on `capture`, `logs -f`) cancels
+    # its handler, which is how long-running streams learn to clean up.
+    runner = web.AppRunner(
+        build_app(daemon), access_log=None, handle_signals=False, handler_cancellation=True
+    )
     await runner.setup()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     # The root lock is held, so a socket file left here is a dead daemon's: replace it.

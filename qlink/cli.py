@@ -10,6 +10,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -278,6 +280,107 @@ def cmd_qmp(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    """Copy the pcap stream to a file or stdout until Ctrl-C, --seconds or --bytes."""
+    query = f"?seconds={args.seconds:g}" if args.seconds else ""
+    response = _client(args).raw_stream(f"/captures/{args.endpoint}{query}")
+    sink = sys.stdout.buffer if args.write == "-" else Path(args.write).open("wb")  # noqa: SIM115
+    written = 0
+    try:
+        while chunk := response.read1(65536):
+            sink.write(chunk)
+            sink.flush()
+            written += len(chunk)
+            if args.bytes and written >= args.bytes:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        response.close()  # the daemon sees the hang-up and removes the filter
+        if sink is not sys.stdout.buffer:
+            sink.close()
+    if args.write != "-":
+        print(f"{args.endpoint}: {written} bytes of pcap in {args.write}", file=sys.stderr)
+    return EXIT_OK
+
+
+def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:
+    """The lab as Graphviz DOT: a box per node, an edge per cable labelled with its ports;
+    a cable that is cut is red and dashed, one whose carrier is down is grey and dotted."""
+
+    def quoted(text: str) -> str:
+        # Names are allow-listed (no quotes, no backslashes); a label's \n is DOT's newline.
+        return f'"{text}"'
+
+    lines = [
+        f"graph {quoted(lab)} {{",
+        "  graph [overlap=false, splines=true];",
+        '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname=Helvetica];',
+        "  edge [fontname=Helvetica, fontsize=9];",
+    ]
+    for name, state in nodes.items():
+        fill = "" if state in ("running", "") else ', fillcolor="#f6dada"'
+        label = name if state in ("running", "") else f"{name}\\n({state})"
+        lines.append(f"  {quoted(name)} [label={quoted(label)}{fill}];")
+    for link in links:
+        a_node, a_if = link["a"]["endpoint"].split(":")
+        b_node, b_if = link["b"]["endpoint"].split(":")
+        style = ""
+        if link.get("admin") == "down":
+            style = ', color="#c0392b", style=dashed'
+        elif any(end.get("carrier", "up") != "up" for end in (link["a"], link["b"])):
+            style = ', color="#999999", style=dotted'
+        lines.append(
+            f"  {quoted(a_node)} -- {quoted(b_node)} "
+            f"[taillabel={quoted(a_if)}, headlabel={quoted(b_if)}{style}];"
+        )
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    """DOT always; SVG/PNG/PDF through graphviz's `dot` when it is installed."""
+    source = Path(args.lab)
+    if source.suffix in (".yaml", ".yml") or source.is_file():
+        from qlink.topology import load_topology
+
+        lab = load_topology(source)
+        name = lab.name
+        links = [{"a": {"endpoint": str(link.endpoints[0])},
+                  "b": {"endpoint": str(link.endpoints[1])}} for link in lab.links]  # fmt: skip
+        nodes = dict.fromkeys(lab.nodes, "")
+    else:
+        client = _client(args)
+        name = args.lab
+        links = [row for row in client.get("/links")["links"] if row["lab"] == name]
+        nodes = {row["node"]: row["state"] for row in client.get("/status")["nodes"]
+                 if row["lab"] == name}  # fmt: skip
+        if not nodes:
+            raise UsageError(f"no lab {name!r} is up (give a topology file to draw it anyway)")
+    dot = graph_dot(name, links, nodes)
+    if args.output in (None, "-") or args.output.endswith(".dot"):
+        if args.output in (None, "-"):
+            print(dot, end="")
+        else:
+            Path(args.output).write_text(dot)
+        return EXIT_OK
+    image_format = Path(args.output).suffix.lstrip(".")
+    dot_binary = shutil.which("dot")
+    if dot_binary is None:
+        raise UsageError(
+            f"drawing {image_format.upper()} needs graphviz (apt-get install graphviz); "
+            "without it, write DOT: -o FILE.dot"
+        )
+    result = subprocess.run(
+        [dot_binary, f"-T{image_format}", "-o", args.output],
+        input=dot, text=True, capture_output=True, check=False, timeout=60,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise QlinkError(f"dot failed: {result.stderr.strip()}")
+    print(f"{args.output}: {len(nodes)} nodes, {len(links)} links", file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_link(args: argparse.Namespace) -> int:
     row = _client(args).post(f"/links/{args.endpoint}/{args.state}")
     print(f"{row['link']}: admin {row['admin']}, carrier {_carrier_text(row)}")
@@ -311,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
     plan.set_defaults(handler=cmd_plan)
 
+    _add_daemon_verbs(commands)
+    return parser
+
+
+def _add_daemon_verbs(commands: Any) -> None:
+    """The verbs that talk to qlinkd."""
     up = commands.add_parser("up", help="start a lab, or bring a running one to its file")
     up.add_argument("file")
     up.add_argument("-o", "--output", choices=("text", "json"), default="text")
@@ -340,6 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
     link.add_argument("endpoint", metavar="NODE:IF", help="either end, NODE:IF or LAB/NODE:IF")
     link.set_defaults(handler=cmd_link)
 
+    capture = commands.add_parser(
+        "capture", help="pcap of a link end, both directions, no restart (QEMU filter-dump)"
+    )
+    capture.add_argument("endpoint", metavar="NODE:IF")
+    capture.add_argument("-w", "--write", required=True, metavar="FILE", help="a file, or -")
+    capture.add_argument("--seconds", type=float, help="stop after this long")
+    capture.add_argument("--bytes", type=int, help="stop after this much pcap")
+    capture.set_defaults(handler=cmd_capture)
+
+    graph = commands.add_parser("graph", help="the topology as a picture (DOT; SVG/PNG with dot)")
+    graph.add_argument(
+        "lab", metavar="LAB|FILE", help="a lab that is up (with link state) or a file"
+    )
+    graph.add_argument(
+        "-o", "--output", metavar="FILE", help="FILE.dot, .svg, .png, .pdf; default stdout"
+    )
+    graph.set_defaults(handler=cmd_graph)
+
     qmp = commands.add_parser("qmp", help="run a QMP command through qlinkd")
     qmp.add_argument("node", metavar="NODE")
     qmp.add_argument("command_name", metavar="COMMAND")
@@ -358,7 +485,6 @@ def build_parser() -> argparse.ArgumentParser:
                 "--force", action="store_true", help="skip the ACPI power-down: quit at once"
             )
         command.set_defaults(handler=cmd_node_verb)
-    return parser
 
 
 def _fail(message: str, code: int, hint: str | None = None) -> int:

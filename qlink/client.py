@@ -60,6 +60,10 @@ class Client:
         # Stop ladders can take minutes (ACPI power-down, then quit, then signals).
         return json.loads(self._send("POST", path, body, None).read())
 
+    def raw_stream(self, path: str) -> http.client.HTTPResponse:
+        """A GET whose body is bytes to pass on as they come (captures, logs)."""
+        return self._send("GET", path, None, None)
+
     def stream(self, method: str, path: str, body: dict[str, Any] | None = None) -> Iterator[Any]:
         """JSON lines from a long operation, each as soon as the daemon sends it."""
         response = self._send(method, path, body, None)
