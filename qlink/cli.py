@@ -304,6 +304,30 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    # The WebSocket client (aiohttp) takes a second to import: only this verb pays for it.
+    from qlink.console import attach_console
+
+    return attach_console(layout_from(args.root).control_socket, args.node)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """The node's console log and QEMU's own log; with -f, what they gain, until Ctrl-C."""
+    query = [f"which={args.only or 'all'}"]
+    query += ["follow=1"] if args.follow else []
+    query += [f"tail={args.tail}"] if args.tail is not None else []
+    response = _client(args).raw_stream(f"/nodes/{args.node}/logs?{'&'.join(query)}")
+    try:
+        while chunk := response.read1(65536):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        response.close()
+    return EXIT_OK
+
+
 def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:
     """The lab as Graphviz DOT: a box per node, an edge per cable labelled with its ports;
     a cable that is cut is red and dashed, one whose carrier is down is grey and dotted."""
@@ -381,6 +405,32 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_ssh(args: argparse.Namespace) -> int:
+    """ssh to the node's management NIC: user-mode networking forwards a loopback port."""
+    lab_name, _, node_name = args.node.rpartition("/")
+    rows = [
+        row for row in _client(args).get("/status")["nodes"]
+        if row["node"] == node_name and lab_name in ("", row["lab"])
+    ]  # fmt: skip
+    if len(rows) != 1:
+        found = ", ".join(f"{row['lab']}/{row['node']}" for row in rows)
+        raise UsageError(f"no single node {args.node!r} is up" + (f" ({found})" if found else ""))
+    address = rows[0]["ssh"]
+    if address is None:
+        raise UsageError(f"{args.node} has no management NIC: set `mgmt: true` on it")
+    host, _, port = address.rpartition(":")
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise UsageError("ssh is not installed (apt-get install openssh-client)")
+    command = args.command or []
+    if command[:1] == ["--"]:
+        command = command[1:]
+    # Lab VMs are rebuilt all the time: their host keys change, so none is remembered.
+    argv = [ssh, "-p", port, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", f"{args.user}@{host}", *command]  # fmt: skip
+    os.execv(ssh, argv)
+
+
 def cmd_link(args: argparse.Namespace) -> int:
     row = _client(args).post(f"/links/{args.endpoint}/{args.state}")
     print(f"{row['link']}: admin {row['admin']}, carrier {_carrier_text(row)}")
@@ -415,7 +465,30 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(handler=cmd_plan)
 
     _add_daemon_verbs(commands)
+    _add_console_verbs(commands)
     return parser
+
+
+def _add_console_verbs(commands: Any) -> None:
+    """Watching a node: its serial console and its logs."""
+    console = commands.add_parser(
+        "console",
+        help="attach to a node's serial console; detach with Ctrl-]",
+        description="Attach to NODE's serial console through qlinkd. Several viewers may "
+        "attach at once: all see the output, and what each types reaches the guest. Detach "
+        "with Ctrl-] (the byte 0x1d); the guest keeps running. When stdin is not a terminal, "
+        "input is forwarded as it comes and its end detaches too. Exit 0 on detach, 1 when "
+        "qlinkd ends the session, 2 for an unknown node, 3 when qlinkd is not running.",
+    )
+    console.add_argument("node", metavar="NODE", help="NODE or LAB/NODE")
+    console.set_defaults(handler=cmd_console)
+
+    logs = commands.add_parser("logs", help="a node's console log and QEMU's log (-f follows)")
+    logs.add_argument("node", metavar="NODE", help="NODE or LAB/NODE")
+    logs.add_argument("-f", "--follow", action="store_true", help="then print what is appended")
+    logs.add_argument("--only", choices=("console", "qemu"), help="one of the two logs")
+    logs.add_argument("-n", "--tail", type=int, metavar="LINES", help="start LINES from the end")
+    logs.set_defaults(handler=cmd_logs)
 
 
 def _add_daemon_verbs(commands: Any) -> None:
@@ -457,6 +530,12 @@ def _add_daemon_verbs(commands: Any) -> None:
     capture.add_argument("--seconds", type=float, help="stop after this long")
     capture.add_argument("--bytes", type=int, help="stop after this much pcap")
     capture.set_defaults(handler=cmd_capture)
+
+    ssh = commands.add_parser("ssh", help="ssh to a node's management NIC (needs mgmt: true)")
+    ssh.add_argument("node", metavar="NODE")
+    ssh.add_argument("-l", "--user", default="root")
+    ssh.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    ssh.set_defaults(handler=cmd_ssh)
 
     graph = commands.add_parser("graph", help="the topology as a picture (DOT; SVG/PNG with dot)")
     graph.add_argument(

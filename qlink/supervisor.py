@@ -113,7 +113,11 @@ class Backoff:
     healthy_after: float = 30.0
 
     def delay(self, failures: int, rng: random.Random) -> float:
-        base = min(self.cap, self.initial * self.factor ** max(0, failures - 1))
+        try:
+            grown = self.initial * self.factor ** max(0, failures - 1)
+        except OverflowError:  # a float power past 2**1023: long past the cap anyway
+            grown = self.cap
+        base = min(self.cap, grown)
         return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
 
 
@@ -222,6 +226,11 @@ class VmSupervisor:
         self._runtime = runtime or VmRuntime()
         self._rng = rng or random.Random()
         self._commands: asyncio.Queue[Command] = asyncio.Queue()
+        # A command that arrived together with an exit: served next, before newer ones.
+        self._held: Command | None = None
+        # The reason of the guest's last SHUTDOWN event: it tells a clean power-off from a
+        # crash when the exit status is unknown (an adopted QEMU is not our child).
+        self._shutdown_reason: str | None = None
         self._process: ProcessHandle | None = None
         self._qmp: MonitorHandle | None = None
         self._log = log.bind(lab=plan.lab, node=plan.name)
@@ -274,7 +283,7 @@ class VmSupervisor:
 
     async def _serve_forever(self) -> None:
         while True:
-            command = await self._commands.get()
+            command = await self._next_command()
             await self._handle_idle_command(command)
 
     async def _handle_idle_command(self, command: Command) -> None:
@@ -285,6 +294,12 @@ class VmSupervisor:
             await self._start_with_policy(command)
         else:
             self._finish(command)  # stopping what is stopped is done already
+
+    async def _next_command(self) -> Command:
+        if self._held is not None:
+            command, self._held = self._held, None
+            return command
+        return await self._commands.get()
 
     def _finish(self, command: Command, error: BaseException | None = None) -> None:
         if command.done.done():
@@ -338,6 +353,7 @@ class VmSupervisor:
         elif isinstance(outcome, ExitStatus):
             retry, command = await self._after_exit(outcome)
             if retry:
+                self.status.restarts += 1
                 await self._start_with_policy(command)
 
     async def _start_with_policy(self, command: Command | None = None) -> None:
@@ -373,10 +389,12 @@ class VmSupervisor:
             retry, command = await self._after_exit(outcome)
             if not retry:
                 return
+            self.status.restarts += 1  # counted once the policy's restart goes ahead
 
     async def _launch_once(self) -> None:
         # → STARTING. The checks come first, so a refused start leaves nothing behind.
         self._set_state(VmState.STARTING, pid=None, next_start_at=None)
+        self._shutdown_reason = None
         self._hooks.check_ports(self.plan)
         self._hooks.prepare_disk(self.plan)
         process, qmp = await self._runtime.launch(
@@ -422,7 +440,7 @@ class VmSupervisor:
         # A command during the backoff wins over the timer: stop cancels it, start retries now.
         try:
             async with asyncio.timeout(delay):
-                pending = await self._commands.get()
+                pending = await self._next_command()
         except TimeoutError:
             return True, command
         if pending.name in ("stop", "kill"):
@@ -439,6 +457,10 @@ class VmSupervisor:
     async def _after_exit(self, exit_status: ExitStatus) -> tuple[bool, Command | None]:
         """The process ended on its own: the policy decides whether it comes back."""
         uptime = time.time() - (self.status.started_at or time.time())
+        if exit_status.returncode is None and self._shutdown_reason == "guest-shutdown":
+            # Not our child, so no exit code; but the guest itself asked to power off.
+            exit_status = ExitStatus(0)
+        self._shutdown_reason = None
         policy = self.plan.node.restart
         restart = policy == "always" or (policy == "on-failure" and not exit_status.clean)
         self.status.last_exit = exit_status.describe()
@@ -450,7 +472,6 @@ class VmSupervisor:
             final = VmState.STOPPED if exit_status.clean else VmState.FAILED
             self._set_state(final, pid=None, started_at=None)
             return False, None
-        self.status.restarts += 1
         return await self._backoff_or_fail(exit_status.describe(), None)
 
     async def _serve_running(self) -> ExitStatus | Command | None:
@@ -510,7 +531,7 @@ class VmSupervisor:
         are recorded meanwhile."""
         async with asyncio.TaskGroup() as group:
             exited = group.create_task(process.wait())
-            commanded = group.create_task(self._commands.get())
+            commanded = group.create_task(self._next_command())
             hung = group.create_task(self._liveness(qmp))
             recorder = group.create_task(self._record_events(qmp))
             done, _ = await asyncio.wait(
@@ -521,8 +542,8 @@ class VmSupervisor:
                     task.cancel()
         if exited in done:
             if commanded in done:
-                # A command and the exit at once: the exit wins, the command waits its turn.
-                self._commands.put_nowait(commanded.result())
+                # A command and the exit at once: the exit wins, the command goes next.
+                self._held = commanded.result()
             return exited.result()
         if commanded in done:
             return commanded.result()
@@ -538,7 +559,8 @@ class VmSupervisor:
                     # A guest reboot happens inside the same QEMU: not a crash, no restart.
                     self._log.info("vm_guest_reset", guest=data.get("guest"))
                 elif name == "SHUTDOWN":
-                    self._log.info("vm_guest_shutdown", reason=data.get("reason"))
+                    self._shutdown_reason = data.get("reason")
+                    self._log.info("vm_guest_shutdown", reason=self._shutdown_reason)
                 elif name == "GUEST_PANICKED":
                     self._log.error("vm_guest_panicked", action=data.get("action"))
                 else:
