@@ -6,7 +6,9 @@ netdev on 127.0.0.1, and checks over the serial console that:
 * NICs are named by PCI position (00:04.0 -> swp1, bridge 00:17 slot 0x1f
   -> swp50), addresses from qlink.addr are applied,
 * a pings b over the link,
-* lldpd on each side sees the other (system name and port name).
+* lldpd on each side sees the other (system name and port name),
+* QMP system_powerdown (ACPI power button) makes the guest power off: QEMU
+  exits by itself with status 0.
 
 Skipped when the guest is not built (run guest/build-guest) or
 qemu-system-x86_64 is missing.
@@ -15,6 +17,7 @@ qemu-system-x86_64 is missing.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -36,6 +39,7 @@ INITRD = GUEST_DIR / "initrd.img"
 
 BOOT_TIMEOUT = 180.0  # TCG, 2 cores, two guests booting at once
 LLDP_TIMEOUT = 30.0
+POWERDOWN_TIMEOUT = 30.0  # qlink's stop ladder waits as long
 
 pytestmark = [
     pytest.mark.skipif(shutil.which(QEMU) is None, reason=f"{QEMU} is not installed"),
@@ -69,6 +73,7 @@ class Guest:
         self.sock_path = workdir / f"{name}.con"
         self.log_path = workdir / f"{name}.log"
         self.qemu_log = workdir / f"{name}.qemu"
+        self.qmp_path = workdir / f"{name}.qmp"
         self.argv = [
             QEMU,
             "-machine", "q35",
@@ -85,6 +90,8 @@ class Guest:
             f"socket,id=con,path={self.sock_path},server=on,wait=off,"
             f"logfile={self.log_path},logappend=on",
             "-serial", "chardev:con",
+            "-chardev", f"socket,id=qmp,path={self.qmp_path},server=on,wait=off",
+            "-mon", "chardev=qmp,mode=control",
             *nic_args,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
@@ -116,6 +123,35 @@ class Guest:
             proc.kill()  # SIGKILL to this PID only
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=30)
+
+    def powerdown(self, timeout: float = POWERDOWN_TIMEOUT) -> tuple[int, float]:
+        """QMP system_powerdown (re-sent every 2 s, like qlink) until QEMU exits.
+
+        Returns (QEMU's exit status, seconds from the first press to the exit).
+        """
+        proc = self.proc
+        assert proc is not None
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.qmp_path))
+            f = s.makefile("rwb")
+            json.loads(f.readline())  # greeting
+            start = time.monotonic()
+            replies: list[object] = []
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            replies.append(json.loads(f.readline()))
+            while True:
+                if time.monotonic() - start > timeout:
+                    raise AssertionError(
+                        f"qemu of guest {self.name} still running {timeout:.0f} s after "
+                        f"system_powerdown; QMP: {replies[-4:]}" + self.console_log()
+                    )
+                with contextlib.suppress(OSError):  # QEMU may be exiting
+                    f.write(b'{"execute": "system_powerdown"}\n')
+                    f.flush()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    rc = proc.wait(timeout=2.0)
+                    return rc, time.monotonic() - start
 
     def console_log(self, tail: int = 3000) -> str:
         try:
@@ -364,3 +400,8 @@ def test_two_guests_ping_and_lldp() -> None:
         rc, out = a.run("ping -c 3 -W 2 10.0.1.1", timeout=60)
         assert rc == 0, f"ping a -> b failed:\n{out}" + a.console_log()
         assert " 0% packet loss" in out, out
+
+        # ACPI power button: the guest powers off and QEMU exits by itself
+        rc, took = b.powerdown()
+        print(f"guest b: QEMU exited {took:.1f} s after system_powerdown")
+        assert rc == 0, f"qemu of guest b exited with {rc}" + b.console_log()
