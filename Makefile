@@ -27,9 +27,16 @@ golden:
 guest:
 	guest/build-guest
 
+# The CLOS lab end to end: up, LLDP everywhere, restart spine1, peers untouched, down.
 demo:
-	$(VENV)/bin/qlinkctl validate configs/clos.yaml
-	$(VENV)/bin/qlinkctl plan configs/clos.yaml spine1
+	$(PYTHON) -m qlink.demo
+
+# qlink against bare QEMU; writes BENCHMARKS.md and bench/bringup.png (~10 min on 2 cores).
+bench:
+	$(PYTHON) -m bench
+
+bench-quick:
+	$(PYTHON) -m bench --quick
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

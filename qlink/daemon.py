@@ -238,6 +238,11 @@ class Daemon(Hooks):
             self._group = group
             try:
                 self._restore_labs()
+                # Serve only once every VM left by a previous qlinkd is adopted (or known
+                # gone): a `status` must never show a running VM as stopped.
+                for runtime in self.labs.values():
+                    for supervisor in runtime.supervisors.values():
+                        await supervisor.settled.wait()
                 if ready is not None:
                     ready()
                 await asyncio.Future()  # until cancelled
@@ -499,7 +504,10 @@ class Daemon(Hooks):
     def status(self) -> list[dict[str, Any]]:
         rows = []
         for runtime in sorted(self.labs.values(), key=lambda r: r.name):
-            for name, supervisor in runtime.supervisors.items():
+            for name in runtime.plan.nodes:  # the file's order, every time
+                supervisor = runtime.supervisors.get(name)
+                if supervisor is None:
+                    continue
                 plan = supervisor.plan
                 rows.append(
                     {

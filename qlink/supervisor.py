@@ -235,6 +235,9 @@ class VmSupervisor:
         self._qmp: MonitorHandle | None = None
         self._log = log.bind(lab=plan.lab, node=plan.name)
         self._state_waiters: list[tuple[Callable[[VmStatus], bool], asyncio.Future[None]]] = []
+        # Set once the supervisor knows whether it adopted a running VM: before that its
+        # status says nothing true, so the daemon waits for it before serving.
+        self.settled = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -271,7 +274,9 @@ class VmSupervisor:
         """The VM's task: adopt what a previous qlinkd left, then serve until cancelled."""
         with structlog.contextvars.bound_contextvars(lab=self.plan.lab, node=self.plan.name):
             try:
-                if adopt_identity is not None and await self._adopt(adopt_identity):
+                adopted = adopt_identity is not None and await self._adopt(adopt_identity)
+                self.settled.set()
+                if adopted:
                     await self._serve_adopted()
                 elif want_running:
                     await self._start_with_policy()

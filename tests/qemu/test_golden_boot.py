@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from qlink.errors import LaunchError
+from qlink.errors import LaunchError, PortInUseError
 from qlink.plan.paths import Layout
-from qlink.runtime.process import create_overlay, launch
+from qlink.runtime.process import check_udp_ports_free, create_overlay, launch
 from qlink.runtime.qmp import QmpSession
-from tests.conftest import GuestFiles
+from tests.conftest import GuestFiles, require
 from tests.golden import golden_path, instantiate, sources
 
 pytestmark = pytest.mark.qemu
@@ -40,6 +40,13 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
             if "image" in node["paths"]:
                 ensure_test_image()
                 assert create_overlay(Path(node["paths"]["image"]), paths.overlay)
+            # The golden ports are fixed; a live lab on this host may hold them, and a QEMU
+            # bound to them (SO_REUSEADDR) would steal its frames.
+            udp_ports = [int(nic["local"].rpartition(":")[2]) for nic in node["nics"]]
+            try:
+                check_udp_ports_free("127.0.0.1", udp_ports)
+            except PortInUseError as error:
+                require(False, f"a golden port is in use on this host, not stealing it: {error}")
             started = time.monotonic()
             process, qmp = await launch([*node["argv"], "-S"], paths, timeout=20)
             launched.append((process, qmp))
