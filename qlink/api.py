@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from qlink.capture import capture
+from qlink.console import add_console_routes
 from qlink.daemon import Daemon
 from qlink.errors import ConfigError, ControlError, QlinkError
 
@@ -152,6 +153,7 @@ def build_app(daemon: Daemon) -> web.Application:
 
     app = web.Application(middlewares=[errors_as_json])
     app.add_routes(routes)
+    add_console_routes(app, daemon)  # GET .../console (WebSocket) and .../logs
     return app
 
 

@@ -1,0 +1,735 @@
+"""Serial consoles and logs of running nodes: `qlinkctl console NODE` and `qlinkctl logs NODE`.
+
+QEMU serves a VM's serial port on a unix socket (`-chardev socket,server=on,wait=off`) that
+takes ONE client at a time, and writes everything the guest prints to `console.log` itself,
+whether or not a client is attached. Two facts shape the daemon side:
+
+- Several operators may watch one node, so qlinkd is the socket's only client and fans the
+  output out to viewers over WebSocket (binary frames both ways; text frames from qlinkd are
+  notices: "QEMU exited", "output dropped").
+- QEMU's serial port writes byte by byte and stalls the guest while a connected client does
+  not read. So a hub, once connected, reads continuously, and never waits for a viewer: each
+  viewer has a bounded outbox, and output that does not fit is dropped (and counted).
+
+    Consoles (one per API app)
+     └── ConsoleHub (one per node, while it has viewers)    HubState: IDLE, CONNECTING,
+          ├── its task: wait until the node runs, connect,            CONNECTED, WAITING
+          │   read and broadcast; again after QEMU is replaced
+          ├── viewers' keystrokes: written to the socket as they come
+          └── Outbox per viewer: bounded, never blocks the hub
+
+The hub connects when the first viewer attaches and hangs up when the last one leaves, so
+while nobody watches QEMU takes another client (a debugger, socat) and only its log file gets
+the output.
+
+`logs` streams the node's console log and QEMU's own stdout/stderr (`qemu.log`), and with
+`follow=1` keeps streaming what is appended, waking on inotify.
+
+The client half (`attach_console`) runs in qlinkctl: aiohttp's WebSocket client over the
+control socket, the terminal in raw mode (always restored), `Ctrl-]` to detach; with stdin not
+a terminal it is a plain pipe, so scripts and tests can drive a console.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import sys
+import termios
+import tty
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import aiohttp
+import structlog
+from aiohttp import web
+from asyncinotify import Inotify, Mask
+
+from qlink.client import Client
+from qlink.errors import ControlError, DaemonUnreachable
+
+if TYPE_CHECKING:
+    from qlink.daemon import Daemon, LabRuntime
+    from qlink.supervisor import VmStatus, VmSupervisor
+
+log = structlog.get_logger("qlinkd")
+
+ESCAPE = b"\x1d"
+"""Ctrl-]: detaches a viewer (as telnet and virsh console do); never sent to the guest."""
+ESCAPE_NAME = "Ctrl-]"
+
+OUTBOX_LIMIT = 64 * 1024
+"""Bytes of output a viewer may have unsent before further output is dropped for it: six
+seconds of a real 115200-baud line, on top of the socket buffers (a few hundred KiB)."""
+SETTLE_TIMEOUT = 5.0
+"""How long a new viewer's handshake waits for the hub to connect to QEMU."""
+EXIT_NOTICE_WAIT = 2.0
+"""After QEMU closes the console, how long to let the supervisor notice that QEMU exited
+before concluding that the same QEMU hung up on us, and reconnecting to it."""
+
+# The supervisor's state, compared by value: importing qlink.supervisor would cost qlinkctl
+# (which imports this module for `console`) the whole runtime stack.
+RUNNING = "running"
+
+
+def _running(status: VmStatus) -> bool:
+    return status.state.value == RUNNING
+
+
+def _gone_or_replaced(pid: int | None) -> Callable[[VmStatus], bool]:
+    return lambda status: not _running(status) or status.pid != pid
+
+
+# --- the daemon side: one hub per watched node --------------------------------------------
+
+
+class Outbox:
+    """What one viewer has yet to receive: output (bytes) and notices (str), bounded in bytes.
+
+    `put_output` never waits. When output does not fit, the outbox drops output until the
+    viewer has caught up to half the limit, then tells it how much it lost, in place: one gap
+    and one notice per stall, rather than a sprinkle of holes.
+    """
+
+    def __init__(self, limit: int = OUTBOX_LIMIT) -> None:
+        self._limit = limit
+        self._items: deque[bytes | str] = deque()
+        self._size = 0
+        self._dropped = 0
+        self._ready = asyncio.Event()
+        self.closed: str | None = None
+        """Why qlinkd ends this viewer's session; set once, the last thing it is told."""
+
+    def put_output(self, data: bytes) -> None:
+        room = self._limit // 2 if self._dropped else self._limit
+        if self._size and self._size + len(data) > room:  # an empty outbox takes any chunk
+            self._dropped += len(data)
+            return
+        if self._dropped:
+            self._items.append(f"{self._dropped} bytes of output dropped: this viewer fell behind")
+            self._dropped = 0
+        self._items.append(data)
+        self._size += len(data)
+        self._ready.set()
+
+    def notice(self, text: str) -> None:
+        self._items.append(text)
+        self._ready.set()
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self._ready.set()
+
+    async def take(self) -> list[bytes | str]:
+        """Everything pending, consecutive output joined; [] once closed and drained."""
+        while not self._items and self.closed is None:
+            await self._ready.wait()
+            self._ready.clear()
+        items: list[bytes | str] = []
+        for item in self._items:
+            if isinstance(item, bytes) and items and isinstance(items[-1], bytes):
+                items[-1] += item
+            else:
+                items.append(item)
+        self._items.clear()
+        self._size = 0
+        return items
+
+
+class HubState(enum.Enum):
+    IDLE = "idle"  # no viewers: no connection, no task
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # the only state in which keystrokes reach QEMU
+    WAITING = "waiting"  # the node does not run
+
+
+class ConsoleHub:
+    """The daemon's one connection to a node's console socket, shared by its viewers."""
+
+    def __init__(self, runtime: LabRuntime, supervisor: VmSupervisor) -> None:
+        self.name = f"{runtime.name}/{supervisor.name}"
+        self.supervisor = supervisor
+        # The supervisor's task ends when the node leaves the daemon (down, removed from the
+        # file, qlinkd stopping): then the hub ends its viewers' sessions.
+        self._supervisor_task = runtime.tasks[supervisor.name]
+        self._viewers: set[Outbox] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._settled = asyncio.Event()
+        self._connections = 0
+        self.state = HubState.IDLE
+        self._log = log.bind(lab=runtime.name, node=supervisor.name)
+
+    @property
+    def finished(self) -> bool:
+        """The node is gone: a new viewer needs a new hub (the lab may have come back)."""
+        return self._supervisor_task.done()
+
+    @property
+    def viewers(self) -> int:
+        return len(self._viewers)
+
+    def _set_state(self, state: HubState) -> None:
+        self.state = state
+        if state in (HubState.CONNECTED, HubState.WAITING):
+            self._settled.set()
+
+    def attach(self) -> Outbox:
+        outbox = Outbox()
+        self._viewers.add(outbox)
+        if self._task is None:
+            # IDLE → CONNECTING: the first viewer brings the connection up.
+            self._settled.clear()
+            self._set_state(HubState.CONNECTING)
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"console:{self.name}"
+            )
+        return outbox
+
+    async def settled(self, timeout: float) -> None:
+        """Until the hub is connected, or knows the node does not run (at most `timeout`):
+        a viewer told it is attached can type at once, and nothing it types is lost."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+
+    def detach(self, outbox: Outbox) -> asyncio.Task[None] | None:
+        """The last viewer out hangs up, so QEMU takes a client again (say, a debugger);
+        returns the hub's task, cancelled, for the caller to see it finish."""
+        self._viewers.discard(outbox)
+        if self._viewers or self._task is None:
+            return None
+        task, self._task = self._task, None
+        # → IDLE. A viewer attaching from now on starts a new task, whose connection QEMU
+        # accepts once this one has hung up. What was typed is flushed before the hang-up.
+        self._set_state(HubState.IDLE)
+        task.cancel()
+        return task
+
+    async def write(self, data: bytes) -> None:
+        """A viewer's keystrokes, while connected; otherwise dropped, rather than typed into
+        a guest that boots later."""
+        writer = self._writer
+        if self.state is not HubState.CONNECTED or writer is None:
+            return
+        writer.write(data)
+        with contextlib.suppress(ConnectionError):
+            # QEMU reads input only as fast as the guest's UART takes it: typing waits.
+            await writer.drain()
+
+    def _tell(self, text: str) -> None:
+        for outbox in self._viewers:
+            outbox.notice(text)
+
+    async def _run(self) -> None:
+        while True:
+            if not _running(self.supervisor.status):
+                # → WAITING: nothing to connect to until the node runs.
+                self._set_state(HubState.WAITING)
+                self._tell(f"{self.name} is {self.supervisor.status.state.value}: "
+                           "waiting for it to run")  # fmt: skip
+            if not await self._until(_running):
+                break
+            pid = self.supervisor.status.pid
+            await self._serve_connection(pid)
+            # QEMU hung up: it exited (a stop, a restart, a crash) or closed on us. Let the
+            # supervisor notice an exit before connecting again.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(EXIT_NOTICE_WAIT):
+                    if not await self._until(_gone_or_replaced(pid)):
+                        break
+        # The node left the daemon: end every viewer's session.
+        self._set_state(HubState.WAITING)
+        reason = f"qlinkd no longer runs {self.name} (lab down, node removed, or qlinkd stopping)"
+        self._log.info("console_hub_finished")
+        for outbox in self._viewers:
+            outbox.close(reason)
+
+    async def _until(self, predicate: Callable[[VmStatus], bool]) -> bool:
+        """Wait until the node's status satisfies `predicate` (True), or the node is gone."""
+        if self._supervisor_task.done():
+            return False
+        waiter = asyncio.ensure_future(self.supervisor.wait_for(predicate))
+        try:
+            done, _ = await asyncio.wait(
+                {waiter, self._supervisor_task}, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            waiter.cancel()
+            await asyncio.wait({waiter})
+        return waiter in done
+
+    async def _serve_connection(self, pid: int | None) -> None:
+        path = self.supervisor.plan.paths.console_socket
+        self._set_state(HubState.CONNECTING)
+        try:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+        except OSError as error:
+            # QEMU exited between the supervisor's RUNNING and now: wait for the next one.
+            self._log.info("console_connect_failed", path=str(path), error=str(error))
+            return
+        # CONNECTING → CONNECTED.
+        self._writer = writer
+        self._set_state(HubState.CONNECTED)
+        self._log.info("console_connected", pid=pid, viewers=len(self._viewers))
+        if self._connections:
+            self._tell(f"{self.name} runs again (pid {pid}): console reconnected")
+        self._connections += 1
+        try:
+            await self._broadcast_output(reader)
+        finally:
+            # CONNECTED → CONNECTING (or IDLE, when the last viewer left). close() sends
+            # what viewers typed before it hangs up.
+            self._writer = None
+            if self.state is HubState.CONNECTED:
+                self._set_state(HubState.CONNECTING)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        self._log.info("console_disconnected", pid=pid)
+        self._tell(f"QEMU closed the console of {self.name} (it exited, or was replaced)")
+
+    async def _broadcast_output(self, reader: asyncio.StreamReader) -> None:
+        """Read for as long as QEMU sends; never wait for a viewer."""
+        while True:
+            try:
+                data = await reader.read(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            for outbox in self._viewers:
+                outbox.put_output(data)
+
+
+class Consoles:
+    """The hubs of one API app, and what its shutdown must end.
+
+    The API cancels a handler whose client hangs up, at any await, its clean-up included; so
+    handlers let go of their tasks here (`retire`): cancelled at once, finished in their own
+    time, seen to the end at shutdown, and their failures logged.
+    """
+
+    def __init__(self) -> None:
+        self._hubs: dict[str, ConsoleHub] = {}
+        self._retiring: set[asyncio.Task[Any]] = set()
+        self.sockets: set[web.WebSocketResponse] = set()
+        self.stopping = asyncio.Event()
+
+    def retire(self, *tasks: asyncio.Task[Any] | None) -> None:
+        for task in tasks:
+            if task is None:
+                continue
+            task.cancel()
+            self._retiring.add(task)
+            task.add_done_callback(self._retired)
+
+    def _retired(self, task: asyncio.Task[Any]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("console_task_failed", task=task.get_name(), error=repr(task.exception()))
+
+    @contextlib.contextmanager
+    def viewer(
+        self, runtime: LabRuntime, supervisor: VmSupervisor
+    ) -> Iterator[tuple[ConsoleHub, Outbox]]:
+        name = f"{runtime.name}/{supervisor.name}"
+        hub = self._hubs.get(name)
+        if hub is None or hub.finished or hub.supervisor is not supervisor:
+            hub = self._hubs[name] = ConsoleHub(runtime, supervisor)
+        outbox = hub.attach()
+        try:
+            yield hub, outbox
+        finally:
+            # No await here: this runs in handlers that a hang-up may cancel again.
+            self.retire(hub.detach(outbox))
+            if hub.viewers == 0 and self._hubs.get(name) is hub:
+                del self._hubs[name]
+
+    async def shutdown(self) -> None:
+        """Close every viewer and follower, or aiohttp would wait for them to leave."""
+        self.stopping.set()
+        for ws in list(self.sockets):
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"qlinkd is stopping")
+        if self._retiring:
+            await asyncio.wait(self._retiring)
+
+
+CONSOLES = web.AppKey("consoles", Consoles)
+DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
+
+
+def _daemon(request: web.Request) -> Daemon:
+    return request.app[DAEMON]
+
+
+def _flag(value: str | None) -> bool:
+    return value not in (None, "", "0", "false", "no")
+
+
+async def _pump(ws: web.WebSocketResponse, outbox: Outbox) -> None:
+    """Outbox → one viewer; waiting here (a slow viewer) holds up nobody else."""
+    try:
+        while items := await outbox.take():
+            for item in items:
+                if isinstance(item, bytes):
+                    await ws.send_bytes(item)
+                else:
+                    await ws.send_str(item)
+        if outbox.closed is not None:
+            await ws.send_str(outbox.closed)
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY)
+    except ConnectionResetError:
+        return  # the viewer left; its reading side ends the session
+
+
+async def console_route(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/nodes/{node}/console`, a WebSocket: binary frames are the console's bytes
+    both ways; text frames from qlinkd are notices."""
+    consoles = request.app[CONSOLES]
+    # An unknown node is a plain JSON 404 before any upgrade: qlinkctl maps it to exit 2.
+    runtime, supervisor = _daemon(request).find_node(request.match_info["node"])
+    ws = web.WebSocketResponse(max_msg_size=1 << 20)
+    if not ws.can_prepare(request).ok:
+        raise ControlError("the console is a WebSocket: use `qlinkctl console NODE`", 400)
+    with consoles.viewer(runtime, supervisor) as (hub, outbox):
+        # Attached and connected before the handshake completes: what the guest prints from
+        # the moment the client sees the upgrade reaches it, and its first keys reach QEMU.
+        await hub.settled(SETTLE_TIMEOUT)
+        await ws.prepare(request)
+        consoles.sockets.add(ws)
+        log.info("console_viewer_attached", node=hub.name, viewers=hub.viewers)
+        pump = asyncio.get_running_loop().create_task(_pump(ws, outbox))
+        try:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.BINARY:
+                    await hub.write(message.data)
+                elif message.type == aiohttp.WSMsgType.TEXT:
+                    await hub.write(message.data.encode())
+        finally:
+            consoles.sockets.discard(ws)
+            consoles.retire(pump)
+            log.info("console_viewer_detached", node=hub.name, viewers=hub.viewers - 1)
+    return ws
+
+
+# --- logs -----------------------------------------------------------------------------------
+
+LOG_CHUNK = 1 << 20
+
+
+def _read_at(path: Path, offset: int, size: int) -> tuple[bytes, int]:
+    """Up to `size` bytes at `offset`, and the file's size now (-1: no such file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return b"", -1
+    try:
+        length = os.fstat(fd).st_size
+        return (os.pread(fd, size, offset) if offset < length else b""), length
+    finally:
+        os.close(fd)
+
+
+def _tail_offset(path: Path, lines: int) -> int:
+    """Where the last `lines` lines of the file start (0 for a shorter file)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    try:
+        end = os.fstat(fd).st_size
+        if lines == 0:
+            return end
+        position, newlines = end, 0
+        while position > 0:
+            start = max(0, position - 8192)
+            block = os.pread(fd, position - start, start)
+            # A final newline ends the last line; it does not start one more.
+            scan_end = len(block) - 1 if position == end and block.endswith(b"\n") else len(block)
+            index = scan_end
+            while (index := block.rfind(b"\n", 0, index)) != -1:
+                newlines += 1
+                if newlines == lines:
+                    return start + index + 1
+            position = start
+        return 0
+    finally:
+        os.close(fd)
+
+
+class _LogCopier:
+    """Copies what each file gained since the last call, tail(1)-style headers between files."""
+
+    def __init__(
+        self, response: web.StreamResponse, files: list[Path], offsets: dict[Path, int]
+    ) -> None:
+        self._response = response
+        self._files = files
+        self._offsets = offsets
+        self._headers = len(files) > 1
+        self._last: Path | None = None
+
+    async def _write(self, path: Path, data: bytes) -> None:
+        if self._headers and self._last != path:
+            lead = b"\n" if self._last is not None else b""
+            await self._response.write(lead + f"==> {path} <==\n".encode())
+        self._last = path
+        await self._response.write(data)
+
+    async def copy_new(self, announce: bool = False) -> None:
+        """Copy what each file gained; `announce` (the first copy) heads every file that
+        exists, even an empty one, so the reader knows which files there are."""
+        for path in self._files:
+            if announce and self._headers and path.exists():
+                await self._write(path, b"")
+            while True:
+                offset = self._offsets[path]
+                data, size = await asyncio.to_thread(_read_at, path, offset, LOG_CHUNK)
+                if 0 <= size < offset:
+                    # Shorter than what was read: truncated or replaced; start over.
+                    self._offsets[path] = 0
+                    continue
+                if not data:
+                    break
+                self._offsets[path] = offset + len(data)
+                await self._write(path, data)
+
+    async def follow(self, state_dir: Path) -> None:
+        """Copy what is there, then what is appended as inotify reports it, until cancelled
+        (the client hung up, or qlinkd is stopping)."""
+        with Inotify() as inotify:
+            # Watches first, then the first copy: an append in between is not missed.
+            inotify.add_watch(state_dir, Mask.CREATE | Mask.MOVED_TO)
+            for path in self._files:
+                with contextlib.suppress(FileNotFoundError):
+                    inotify.add_watch(path, Mask.MODIFY)
+            await self.copy_new(announce=True)
+            async for event in inotify:
+                if event.name is not None and event.watch is not None:
+                    created = event.watch.path / event.name
+                    if created in self._files:
+                        inotify.add_watch(created, Mask.MODIFY)
+                await self.copy_new()
+
+
+async def logs_route(request: web.Request) -> web.StreamResponse:
+    """`GET /v1/nodes/{node}/logs[?follow=1&which=all|console|qemu&tail=LINES]`: the bytes of
+    the node's console log and QEMU's log; with `follow`, then what they gain, until the
+    client leaves or qlinkd stops."""
+    consoles = request.app[CONSOLES]
+    _, supervisor = _daemon(request).find_node(request.match_info["node"])
+    paths = supervisor.plan.paths
+    which = request.query.get("which", "all")
+    choices = {
+        "all": [paths.console_log, paths.qemu_log],
+        "console": [paths.console_log],
+        "qemu": [paths.qemu_log],
+    }
+    if which not in choices:
+        raise ControlError(f"which= is one of {', '.join(choices)}, not {which!r}", 400)
+    files = choices[which]
+    tail = request.query.get("tail")
+    if tail is not None and not tail.isdigit():
+        raise ControlError(f"tail= is a number of lines, not {tail!r}", 400)
+    follow = _flag(request.query.get("follow"))
+    if follow and not paths.state_dir.is_dir():
+        raise ControlError(f"{supervisor.name} has never run: it has no logs yet", 409)
+
+    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+    await response.prepare(request)
+    offsets = {
+        path: (await asyncio.to_thread(_tail_offset, path, int(tail)) if tail else 0)
+        for path in files
+    }
+    copier = _LogCopier(response, files, offsets)
+    if not follow:
+        await copier.copy_new(announce=True)
+        await response.write_eof()
+        return response
+    loop = asyncio.get_running_loop()
+    follower = loop.create_task(copier.follow(paths.state_dir), name=f"logs:{supervisor.name}")
+    stopping = loop.create_task(consoles.stopping.wait(), name="logs:stopping")
+    try:
+        await asyncio.wait({follower, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if follower.done():
+            follower.result()  # it ends only by failing; a hang-up cancels this handler
+        follower.cancel()  # qlinkd is stopping: end the stream properly
+        await asyncio.wait({follower})
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client left while we wrote
+    finally:
+        consoles.retire(follower, stopping)
+    return response
+
+
+def add_console_routes(app: web.Application, daemon: Daemon) -> None:
+    """Register `console` and `logs` on the control API's app."""
+    consoles = Consoles()
+    app[CONSOLES] = consoles
+    app[DAEMON] = daemon
+
+    async def on_shutdown(_: web.Application) -> None:
+        await consoles.shutdown()
+
+    app.on_shutdown.append(on_shutdown)
+    app.router.add_get("/v1/nodes/{node:.+}/console", console_route)
+    app.router.add_get("/v1/nodes/{node:.+}/logs", logs_route)
+
+
+# --- the client side: qlinkctl console ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def raw_terminal(fd: int) -> Iterator[None]:
+    """Every key goes to the guest (Ctrl-C included); the settings come back however we
+    leave."""
+    saved = termios.tcgetattr(fd)
+    try:
+        tty.setraw(fd, termios.TCSADRAIN)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+STDIN_CHUNKS = 64
+"""Chunks read from stdin ahead of the WebSocket; past that, stdin is left unread a while."""
+
+
+async def _stdin_chunks(fd: int) -> AsyncIterator[bytes]:
+    """What arrives on stdin, until its end; a terminal, a pipe or a plain file.
+
+    The read happens in the reader callback, when epoll says the descriptor is readable: a
+    read after a stale wake-up would block the whole loop (stdin stays in blocking mode, as
+    it is shared with the shell)."""
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+    reading = False
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        chunks.put_nowait(data)
+        if not data or chunks.qsize() >= STDIN_CHUNKS:
+            pause()
+
+    def resume() -> None:
+        nonlocal reading
+        loop.add_reader(fd, on_readable)
+        reading = True
+
+    def pause() -> None:
+        nonlocal reading
+        if reading:
+            loop.remove_reader(fd)
+            reading = False
+
+    try:
+        resume()
+    except PermissionError:
+        # epoll refuses plain files and /dev/null, whose reads never block anyway.
+        while data := os.read(fd, 65536):
+            yield data
+            await asyncio.sleep(0)
+        return
+    try:
+        while data := await chunks.get():
+            yield data
+            if not reading and chunks.empty():
+                resume()
+    finally:
+        pause()
+
+
+async def _send_input(ws: aiohttp.ClientWebSocketResponse, fd: int) -> None:
+    """stdin → the console, until the escape byte or the end of input."""
+    async for data in _stdin_chunks(fd):
+        before, escape, _ = data.partition(ESCAPE)
+        if before:
+            await ws.send_bytes(before)
+        if escape:
+            return
+
+
+async def _show_output(ws: aiohttp.ClientWebSocketResponse, raw: bool) -> str:
+    """The console → stdout, qlinkd's notices → stderr; returns why the session ended."""
+    out = sys.stdout.buffer
+    last_notice = "qlinkd closed the console"
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.BINARY:
+            out.write(message.data)
+            out.flush()
+        elif message.type == aiohttp.WSMsgType.TEXT:
+            last_notice = message.data
+            end = "\r\n" if raw else "\n"
+            sys.stderr.write(f"{end if raw else ''}[qlinkd] {message.data}{end}")
+            sys.stderr.flush()
+        elif message.type == aiohttp.WSMsgType.ERROR:
+            return f"the console connection failed: {ws.exception()}"
+    return last_notice
+
+
+async def _session(socket_path: Path, node: str, raw: bool) -> int:
+    connector = aiohttp.UnixConnector(path=str(socket_path))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        try:
+            ws = await session.ws_connect(
+                f"http://qlink/v1/nodes/{quote(node)}/console", max_msg_size=1 << 20
+            )
+        except aiohttp.ClientConnectorError as error:
+            cause = error.os_error
+            if isinstance(cause, PermissionError):
+                reason = "permission denied (are you in its group?)"
+            else:
+                reason = cause.strerror or str(cause)
+            raise DaemonUnreachable(str(socket_path), reason) from error
+        async with ws:
+            how = f"{ESCAPE_NAME}" if raw else f"{ESCAPE_NAME} (0x1d) or end of input"
+            with raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext():
+                # After the switch to raw mode: once this line shows, every key goes through.
+                sys.stderr.write(f"qlinkctl: attached to the console of {node}; "
+                                 f"detach with {how}{chr(13) if raw else ''}\n")  # fmt: skip
+                sys.stderr.flush()
+                typing = asyncio.get_running_loop().create_task(_send_input(ws, sys.stdin.fileno()))
+                showing = asyncio.get_running_loop().create_task(_show_output(ws, raw))
+                try:
+                    done, _ = await asyncio.wait(
+                        {typing, showing}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    for task in (typing, showing):
+                        task.cancel()
+                    await asyncio.wait({typing, showing})
+                if typing in done:
+                    typing.result()
+                    end = "\r\n" if raw else "\n"
+                    sys.stderr.write(f"{end if raw else ''}qlinkctl: detached from {node}{end}")
+                    return 0
+                reason = showing.result()
+    print(f"qlinkctl: console of {node} closed: {reason}", file=sys.stderr)
+    return 1
+
+
+def attach_console(socket_path: Path, node: str) -> int:
+    """`qlinkctl console NODE`: 0 when the operator detaches, 1 when qlinkd ends it."""
+    raw = sys.stdin.isatty()
+    try:
+        return asyncio.run(_session(socket_path, node, raw))
+    except aiohttp.WSServerHandshakeError as error:
+        # The daemon refused the upgrade with a JSON error (an unknown node is a 404): ask
+        # again without upgrading, to raise that error with its message and hint.
+        Client(socket_path).get(f"/nodes/{quote(node)}/console")
+        raise ControlError(f"the console of {node} refused: HTTP {error.status}", 500) from error
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C off a terminal (in raw mode it goes to the guest): a detach
