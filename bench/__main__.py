@@ -1,0 +1,133 @@
+"""`python -m bench`: qlink against the physical limit, written to BENCHMARKS.md.
+
+    python -m bench                 # the full run (N = 20, 50, 100, 200; real guests)
+    python -m bench --quick         # laptop-sized (N = 4, 8; no guests unless --guest)
+
+Exit status: 0 when every measurement completed (whether or not it met its target), 1 when
+one failed (the report says which), 130 on Ctrl-C (after tearing everything down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.procs import sweep_sync
+from bench.report import write_report
+from bench.results import Machine, Results, verdicts
+from bench.runner import REPO, Settings, progress, run_bench
+
+GUEST_KERNEL = Path(os.environ.get("QLINK_GUEST_DIR", "/var/cache/qlink/guest")) / "vmlinuz"
+
+
+def _output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except OSError as error:
+        return f"unknown ({error})"
+    return done.stdout.strip()
+
+
+def _first_line(argv: list[str]) -> str:
+    return (_output(argv).splitlines() or ["unknown"])[0]
+
+
+def describe_machine() -> Machine:
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    commit = _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = _output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    load = os.getloadavg()
+    return Machine(
+        cores=os.cpu_count() or 0,
+        memory_gib=total_kib / 1024 / 1024,
+        qemu=_first_line(["qemu-system-x86_64", "--version"]),
+        kernel=f"{platform.system()} {platform.release()}",
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M"),
+        load_at_start=(load[0], load[1], load[2]),
+        commit=commit + (" with local changes" if dirty else ""),
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the laptop-sized run")
+    parser.add_argument("--guest", action="store_true", help="run the real-guest figure in --quick")
+    parser.add_argument(
+        "--output", type=Path, help="the report (BENCHMARKS.md; --quick: bench/quick-report.md)"
+    )
+    parser.add_argument(
+        "--plot", type=Path, help="the plot (bench/bringup.png; --quick: bench/quick-bringup.png)"
+    )
+    parser.add_argument("--runs", type=int, help="runs per bring-up size")
+    parser.add_argument("--cpu-window", type=float, metavar="SECONDS", help="idle CPU window")
+    parser.add_argument("--port-base", type=int, help="first UDP port of the generated labs")
+    parser.add_argument("--keep-root", action="store_true", help="keep the root (logs) at the end")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    settings = Settings.quick(GUEST_KERNEL) if args.quick else Settings.full(GUEST_KERNEL)
+    changes: dict[str, object] = {}
+    if args.quick and args.guest:
+        changes["guest"] = True
+    if args.runs is not None:
+        changes["runs"] = args.runs
+    if args.cpu_window is not None:
+        changes["cpu_window"] = args.cpu_window
+    if args.port_base is not None:
+        changes["port_base"] = args.port_base
+    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    if not settings.kernel.is_file():
+        print(f"bench: no kernel at {settings.kernel} (run guest/build-guest)", file=sys.stderr)
+        return 2
+    # A quick run must not overwrite the full run's report: it has its own default files.
+    default_output, default_plot = (
+        (REPO / "bench" / "quick-report.md", REPO / "bench" / "quick-bringup.png")
+        if args.quick
+        else (REPO / "BENCHMARKS.md", REPO / "bench" / "bringup.png")
+    )
+    output, plot = args.output or default_output, args.plot or default_plot
+    results = Results(machine=describe_machine(), mode=settings.mode)
+    progress(f"{settings.mode} run, load {results.machine.load_at_start[0]:.2f}")
+    # Short: unix socket paths under it must stay within 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="qlb-", dir="/tmp"))  # the run's roots go in here
+    interrupted = False
+    try:
+        asyncio.run(run_bench(settings, results, root))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        # The run tears down after itself; this catches what an interrupted teardown left.
+        if swept := sweep_sync(root):
+            progress(f"swept QEMU left under {root}: {swept}")
+        if not args.keep_root:
+            shutil.rmtree(root, ignore_errors=True)
+    if interrupted:
+        return 130
+    write_report(results, output, plot)
+    progress(f"report: {output}, plot: {plot}")
+    for verdict in verdicts(results):
+        print(f"{verdict.word:>4}  {verdict.target}: {verdict.measured}")
+    for name, message in results.errors.items():
+        print(f"FAILED {name}: {message.splitlines()[0] if message else ''}")
+    return 1 if results.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""The bare launcher: the physical limit qlink is measured against.
+
+It starts the very argv `qlinkctl plan FILE -o json` prints, all at once, and waits for each
+QEMU's QMP greeting; nothing else (no port checks, no state files, no supervision). Like
+`qlinkctl`, it is a command of its own, so both sides pay for starting a Python process:
+
+    python -m bench.bare up PLAN.json                 # every node of the plan
+    python -m bench.bare restart PLAN.json NODE PID   # SIGKILL PID, relaunch NODE's argv
+
+Each prints one JSON object on stdout: the QEMU PIDs it started and the seconds it spent after
+its imports. QEMU runs in a session of its own, as under qlinkd, and outlives the launcher; the
+benchmark kills it by PID. A launch is all or nothing: if one QEMU exits before it greets,
+every QEMU this invocation started is killed and the launcher exits 1 with QEMU's output.
+
+Readiness is an event, as in qlink: QEMU creates its chardev sockets in command-line order and
+the plan puts QMP before the console, so a refused connect (the QMP socket is bound but not yet
+listening) is retried at the next inotify event of that directory, which the console socket's
+creation guarantees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from asyncinotify import Inotify, Mask
+
+GREETING = b'{"QMP":'
+LOG_TAIL_BYTES = 2000
+
+
+class BareError(Exception):
+    """A QEMU did not come up; the message carries its output."""
+
+
+@dataclass(frozen=True, slots=True)
+class BareNode:
+    """What the launcher needs of one node of a plan document."""
+
+    name: str
+    argv: tuple[str, ...]
+    qmp_socket: Path
+    console_socket: Path
+    qemu_log: Path
+    console_log: Path
+
+    @classmethod
+    def from_plan(cls, name: str, document: dict[str, Any]) -> BareNode:
+        paths = document["paths"]
+        return cls(
+            name=name,
+            argv=tuple(document["argv"]),
+            qmp_socket=Path(paths["qmp_socket"]),
+            console_socket=Path(paths["console_socket"]),
+            qemu_log=Path(paths["qemu_log"]),
+            console_log=Path(paths["console_log"]),
+        )
+
+
+def load_plan(path: Path) -> dict[str, BareNode]:
+    """The nodes of a `qlinkctl plan FILE -o json` document, by name."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    return {name: BareNode.from_plan(name, node) for name, node in document["nodes"].items()}
+
+
+class Child:
+    """One QEMU we spawned, its exit watched through a pidfd."""
+
+    def __init__(self, node: BareNode, pid: int, wake: asyncio.Event) -> None:
+        self.node = node
+        self.pid = pid
+        self.wake = wake
+        self.log_start = 0
+        self._pidfd = os.pidfd_open(pid)
+        self.exited = False
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    @classmethod
+    def spawn(cls, node: BareNode, wake: asyncio.Event) -> Child:
+        # The same way qlink starts QEMU: its own session, output appended to its log.
+        log_start = node.qemu_log.stat().st_size if node.qemu_log.exists() else 0
+        log_fd = os.open(node.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
+        null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawnp(
+                node.argv[0],
+                list(node.argv),
+                dict(os.environ),
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, null_fd, 0),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(log_fd)
+            os.close(null_fd)
+        child = cls(node, pid, wake)
+        child.log_start = log_start
+        return child
+
+    def _on_exit(self) -> None:
+        self.close()
+        self.exited = True
+        self.wake.set()
+
+    def close(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def kill(self) -> None:
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def output(self) -> str:
+        with contextlib.suppress(OSError), self.node.qemu_log.open("rb") as handle:
+            size = self.node.qemu_log.stat().st_size
+            handle.seek(max(self.log_start, size - LOG_TAIL_BYTES))
+            return handle.read().decode(errors="replace")
+        return ""
+
+    async def greeted(self) -> None:
+        """Until QEMU's QMP sends its greeting; raises if QEMU exits first."""
+        path = str(self.node.qmp_socket)
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.exited:
+                raise BareError(f"{self.node.name}: QEMU exited during start-up:\n{self.output()}")
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+            except (FileNotFoundError, ConnectionRefusedError):
+                continue  # bound, not yet listening: the console socket's creation follows
+            try:
+                line = await reader.readline()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+            if not line.startswith(GREETING):
+                raise BareError(
+                    f"{self.node.name}: no QMP greeting, got {line!r}:\n{self.output()}"
+                )
+            return
+
+
+async def _dispatch(inotify: Inotify, wakes: dict[Path, asyncio.Event]) -> None:
+    """Wake the node whose runtime directory saw a socket appear."""
+    async for event in inotify:
+        if event.path is not None and (wake := wakes.get(event.path.parent)) is not None:
+            wake.set()
+
+
+async def launch(nodes: Sequence[BareNode], timeout: float) -> dict[str, int]:
+    """Start every node at once; return their PIDs once all greeted, or kill them all."""
+    wakes: dict[Path, asyncio.Event] = {}
+    children: list[Child] = []
+    with Inotify() as inotify:
+        for node in nodes:
+            node.qmp_socket.parent.mkdir(parents=True, exist_ok=True)
+            node.console_log.parent.mkdir(parents=True, exist_ok=True)
+            for stale in (node.qmp_socket, node.console_socket):
+                stale.unlink(missing_ok=True)
+            wakes[node.qmp_socket.parent] = asyncio.Event()
+            inotify.add_watch(node.qmp_socket.parent, Mask.CREATE)
+        try:
+            for node in nodes:
+                children.append(Child.spawn(node, wakes[node.qmp_socket.parent]))
+            async with asyncio.timeout(timeout), asyncio.TaskGroup() as group:
+                dispatcher = group.create_task(_dispatch(inotify, wakes))
+                try:
+                    async with asyncio.TaskGroup() as greetings:
+                        for child in children:
+                            greetings.create_task(child.greeted())
+                finally:
+                    dispatcher.cancel()
+        except BaseException:
+            for child in children:
+                child.kill()
+            raise
+        finally:
+            for child in children:
+                child.close()
+    return {child.node.name: child.pid for child in children}
+
+
+async def kill_and_wait(pid: int, timeout: float) -> None:
+    """SIGKILL a process that may not be our child, and wait until it is gone."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+
+    def exited() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
+    loop.add_reader(pidfd, exited)
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        async with asyncio.timeout(timeout):
+            await gone
+    finally:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+
+
+def _errors(group: BaseException) -> str:
+    if isinstance(group, BaseExceptionGroup):
+        return "\n".join(_errors(inner) for inner in group.exceptions)
+    return str(group) or type(group).__name__
+
+
+async def _main(args: argparse.Namespace, started: float) -> dict[str, Any]:
+    nodes = load_plan(Path(args.plan))
+    if args.verb == "up":
+        pids = await launch(list(nodes.values()), args.timeout)
+    else:
+        await kill_and_wait(args.pid, args.timeout)
+        pids = await launch([nodes[args.node]], args.timeout)
+    return {"pids": pids, "seconds": time.perf_counter() - started}
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
+    parser = argparse.ArgumentParser(prog="python -m bench.bare", description=__doc__)
+    parser.add_argument("--timeout", type=float, default=300.0)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    up = verbs.add_parser("up", help="start every node of a plan and wait for QMP")
+    up.add_argument("plan")
+    restart = verbs.add_parser("restart", help="SIGKILL a node's QEMU, relaunch, wait for QMP")
+    restart.add_argument("plan")
+    restart.add_argument("node")
+    restart.add_argument("pid", type=int)
+    args = parser.parse_args(argv)
+    try:
+        result = asyncio.run(_main(args, started))
+    except (BareError, TimeoutError, OSError, BaseExceptionGroup) as error:
+        print(f"bench.bare: {_errors(error)}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,560 @@
+"""The measurements, in one run on one machine: qlink against the bare launcher.
+
+Order of work, each lab size in turn:
+
+    bring-up N     runs alternate which side goes first; every run is torn down
+    restart        in the restart-sized lab, left up by its last bring-up run
+    daemon cost    in the idle-sized lab, likewise; then the same VMs re-adopted by a
+                   qlinkd with the liveness probe effectively off, to show what it costs
+    real guests    configs/clos.yaml booting under TCG, both sides
+
+qlink and the bare launcher share one root (so their argv, paths and ports are the same) and
+never run at once. Everything started is torn down at the end, even on failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.consoles import ReadyWatch
+from bench.daemon import LogFollower, Qlinkd
+from bench.procs import (
+    BenchError,
+    busy_udp_ports,
+    cpu_seconds,
+    kill_all,
+    memory_bytes,
+    python_command,
+    qemu_under,
+    run_timed,
+)
+from bench.results import (
+    BringupPoint,
+    GuestResult,
+    IdleFigures,
+    IdleResult,
+    RestartResult,
+    Results,
+)
+from bench.topology import BenchLab, chunked, labs_for
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LIVENESS = 5.0
+QUIET_LIVENESS = 3600.0
+# qlinkd's stop ladder starts with an ACPI power-down, which a VM paused by -S never sees:
+# teardown would wait the full power-down timeout. The benchmark goes straight to `quit`.
+DAEMON_ARGS = ("--powerdown-timeout", "0")
+EXIT_UNREACHABLE = 3  # qlinkctl's exit status when qlinkd does not answer
+RESTART_PID = re.compile(r"running pid (\d+)")
+# The idle figure's fallback when its lab cannot come up in one `up`: labs of this size, on
+# ports past every bring-up lab's block.
+IDLE_PART = 100
+PART_PORT_OFFSET = 1600
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    mode: str
+    sizes: tuple[int, ...]
+    runs: int
+    restart_nodes: int
+    restart_runs: int
+    idle_nodes: int
+    cpu_window: float
+    settle: float
+    status_runs: int
+    fixed_runs: int
+    quiet_liveness: bool
+    guest: bool
+    guest_runs: int
+    memory: int
+    kernel: Path
+    guest_config: Path
+    port_base: int
+    launch_timeout: float = 900.0
+    guest_timeout: float = 600.0
+
+    @classmethod
+    def full(cls, kernel: Path) -> Settings:
+        return cls(
+            mode="full", sizes=(20, 50, 100, 200), runs=5, restart_nodes=100, restart_runs=5,
+            idle_nodes=200, cpu_window=60.0, settle=5.0, status_runs=20, fixed_runs=10,
+            quiet_liveness=True, guest=True, guest_runs=2, memory=32, kernel=kernel,
+            guest_config=REPO / "configs" / "clos.yaml", port_base=28000,
+        )  # fmt: skip
+
+    @classmethod
+    def quick(cls, kernel: Path) -> Settings:
+        return cls(
+            mode="quick", sizes=(4, 8), runs=2, restart_nodes=8, restart_runs=3,
+            idle_nodes=8, cpu_window=5.0, settle=1.0, status_runs=10, fixed_runs=3,
+            quiet_liveness=False, guest=False, guest_runs=1, memory=32, kernel=kernel,
+            guest_config=REPO / "configs" / "clos.yaml", port_base=28000,
+        )  # fmt: skip
+
+
+def progress(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def load1() -> float:
+    return os.getloadavg()[0]
+
+
+def _nodes_of(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    nodes: dict[str, dict[str, Any]] = document["nodes"]
+    return nodes
+
+
+class Bench:
+    """One benchmark run: its root, its qlinkd, and everything it has up at any moment."""
+
+    def __init__(self, settings: Settings, results: Results, top: Path) -> None:
+        self.settings = settings
+        self.results = results
+        self.top = top
+        """Holds every root of the run: a fresh one is used after qlinkd dies."""
+        self.roots = 0
+        self.root = self._next_root()
+        self.daemon = Qlinkd(self.root, DAEMON_ARGS)
+        self.labs_up: set[str] = set()
+        self.bare_pids: set[int] = set()
+        self.previous_death = ""
+
+    def _next_root(self) -> Path:
+        root = self.top / f"r{self.roots}"
+        root.mkdir()
+        self.roots += 1
+        return root
+
+    # --- pieces -------------------------------------------------------------------------
+
+    async def start_daemon(self, *extra: str) -> float:
+        await self.daemon.stop()
+        self.daemon = Qlinkd(self.root, [*DAEMON_ARGS, *extra])
+        return await self.daemon.start()
+
+    async def plan(self, topology: Path, name: str) -> tuple[Path, dict[str, Any]]:
+        """`qlinkctl plan FILE -o json` on the benchmark's root, saved for the bare launcher."""
+        document: dict[str, Any] = json.loads(
+            (await self.daemon.ctl("plan", str(topology), "-o", "json")).stdout
+        )
+        path = self.root / f"{name}.plan.json"
+        path.write_text(json.dumps(document))
+        return path, document
+
+    def write_lab(self, lab: BenchLab) -> Path:
+        path = self.root / f"{lab.name}.yaml"
+        path.write_text(lab.yaml(self.settings.kernel, self.settings.memory))
+        return path
+
+    def assert_quiet(self) -> None:
+        """Nothing of ours runs: a run never competes with the previous one's VMs."""
+        if leftovers := qemu_under(self.top):
+            raise BenchError(f"QEMU still running before a run: {[p.pid for p in leftovers]}")
+
+    async def qlink_up(
+        self, topology: Path, lab: str, nodes: int, alone: bool = True
+    ) -> tuple[float, float]:
+        """`qlinkctl up FILE` then `qlinkctl status -o json`: (both, up alone) in seconds.
+
+        `alone`: no other VM of ours may run (a timed run); False for a lab added to others."""
+        if alone:
+            self.assert_quiet()
+        started = time.perf_counter()
+        self.labs_up.add(lab)
+        up = await self.daemon.ctl("up", str(topology), timeout=self.settings.launch_timeout)
+        rows = [row for row in await self.daemon.status() if row["lab"] == lab]
+        total = time.perf_counter() - started
+        states = {row["node"]: row["state"] for row in rows}
+        if len(rows) != nodes or set(states.values()) != {"running"}:
+            raise BenchError(f"after `up`, status of {lab} is not all running: {states}")
+        return total, up.seconds
+
+    async def qlink_down(self, lab: str) -> float:
+        result = await self.daemon.ctl("down", lab, timeout=self.settings.launch_timeout)
+        self.labs_up.discard(lab)
+        return result.seconds
+
+    def check_same_argv(self, document: dict[str, Any]) -> None:
+        """The argv qlinkd launched (recorded for re-adoption) is the one the plan printed."""
+        for name, node in _nodes_of(document).items():
+            record = Path(node["paths"]["console_log"]).parent / "process.json"
+            launched = json.loads(record.read_text())["argv"]
+            if launched != node["argv"]:
+                raise BenchError(f"{name}: qlinkd launched another argv than `qlinkctl plan`")
+
+    def check_ports_free(self, document: dict[str, Any]) -> None:
+        """The bare launcher does not check (that is qlink's job); the benchmark does, once
+        before each bare run, so a port another lab holds is an error, not a silent steal."""
+        ends = [
+            nic["local"].rsplit(":", 1)
+            for node in _nodes_of(document).values()
+            for nic in node["nics"]
+        ]
+        busy = [
+            port
+            for address in {address for address, _ in ends}
+            for port in busy_udp_ports(address, [int(p) for a, p in ends if a == address])
+        ]
+        if busy:
+            raise BenchError(f"UDP ports of the plan are in use by someone else: {busy}")
+
+    async def bare_up(
+        self, plan: Path, document: dict[str, Any]
+    ) -> tuple[float, float, dict[str, int]]:
+        """The bare launcher on the plan: (wall seconds, its own seconds, PIDs)."""
+        self.assert_quiet()
+        self.check_ports_free(document)
+        result = await run_timed(
+            [*python_command("bench.bare"), "up", str(plan)], self.settings.launch_timeout
+        )
+        result.check()
+        report = json.loads(result.stdout)
+        pids: dict[str, int] = report["pids"]
+        self.bare_pids.update(pids.values())
+        return result.seconds, float(report["seconds"]), pids
+
+    async def bare_down(self) -> None:
+        await kill_all(self.bare_pids, self.top)
+        self.bare_pids.clear()
+
+    async def reset(self) -> bool:
+        """After a failed section: take down whatever it left, so the next one starts clean.
+
+        Returns whether qlinkd had died (then the run goes on under a fresh root)."""
+        if self.daemon.alive:
+            probe = await self.daemon.ctl("status", check=False, timeout=60)
+            if probe.returncode == EXIT_UNREACHABLE:
+                await self.daemon.stop()  # dying but not gone yet: finish it
+        died = not self.daemon.alive
+        if not died:
+            for lab in sorted(self.labs_up):
+                await self.daemon.ctl("down", lab, timeout=300, check=False)
+        self.labs_up.clear()
+        await self.bare_down()
+        if died:
+            # Its labs are recorded under its root, and the next qlinkd would restore them
+            # (and may die the same way): sweep, and go on with a fresh root.
+            await kill_all([process.pid for process in qemu_under(self.top)], self.top)
+            self.previous_death = self.daemon.death_cause()
+            self.root = self._next_root()
+            progress(f"qlinkd died; going on with a fresh root {self.root}")
+            await self.start_daemon()
+        return died
+
+    async def failed(self, name: str, error: Exception) -> None:
+        """Record why a measurement failed, and take down whatever it left."""
+        message = str(error) or type(error).__name__
+        if isinstance(error, BaseExceptionGroup):
+            message = "; ".join(str(inner) for inner in error.exceptions)
+        cause = ""
+        try:
+            if await self.reset():
+                cause = f"qlinkd died ({self.previous_death}); "
+        finally:
+            self.results.errors.setdefault(name, cause + message)
+            progress(f"{name} FAILED: {cause}{message}")
+
+    @contextlib.asynccontextmanager
+    async def section(self, name: str) -> AsyncIterator[None]:
+        """A measurement that may fail without losing the others: its error is reported."""
+        try:
+            yield
+        except Exception as error:  # recorded in the report; the run goes on
+            await self.failed(name, error)
+
+    # --- 1. bring-up --------------------------------------------------------------------
+
+    async def warm_up(self, lab: BenchLab) -> None:
+        """One untimed run of each side: the kernel file and Python's caches get warm."""
+        topology = self.write_lab(lab)
+        plan, document = await self.plan(topology, lab.name)
+        await self.qlink_up(topology, lab.name, lab.nodes)
+        await self.qlink_down(lab.name)
+        await self.bare_up(plan, document)
+        await self.bare_down()
+
+    async def bringup(self, lab: BenchLab, keep_up: bool) -> None:
+        point = BringupPoint(lab.nodes)
+        self.results.bringup.append(point)
+        topology = self.write_lab(lab)
+        plan, document = await self.plan(topology, lab.name)
+        runs = self.settings.runs
+        qlink_failed = False
+        for run in range(runs):
+            last = run == runs - 1
+            # Alternate who goes first; a lab kept up for what follows must be qlink's.
+            qlink_first = run % 2 == 0 and not (keep_up and last)
+            for side in ("qlink", "bare") if qlink_first else ("bare", "qlink"):
+                point.loads.append(load1())
+                if side == "qlink" and not qlink_failed:
+                    try:
+                        await self._bringup_qlink(
+                            point, topology, document, lab, run=run, keep_up=keep_up
+                        )
+                    except Exception as error:  # the bare side still gives its figures
+                        qlink_failed = True
+                        await self.failed(f"bring-up N={lab.nodes} (qlink)", error)
+                        # The root may be a fresh one now: plan again for the bare launcher.
+                        topology = self.write_lab(lab)
+                        plan, document = await self.plan(topology, lab.name)
+                elif side == "bare":
+                    wall, inside, _ = await self.bare_up(plan, document)
+                    point.bare.add(wall)
+                    point.bare_in_script.add(inside)
+                    await self.bare_down()
+            qlink = f"{point.qlink.values[-1]:.2f} s" if point.qlink else "failed"
+            progress(
+                f"bring-up N={lab.nodes} run {run + 1}/{runs}: qlink {qlink}, "
+                f"bare {point.bare.values[-1]:.2f} s (load {load1():.1f})"
+            )
+
+    async def _bringup_qlink(
+        self,
+        point: BringupPoint,
+        topology: Path,
+        document: dict[str, Any],
+        lab: BenchLab,
+        *,
+        run: int,
+        keep_up: bool,
+    ) -> None:
+        total, up_only = await self.qlink_up(topology, lab.name, lab.nodes)
+        point.qlink.add(total)
+        point.qlink_up_only.add(up_only)
+        if run == 0:
+            self.check_same_argv(document)
+        if not (keep_up and run == self.settings.runs - 1):
+            point.down.add(await self.qlink_down(lab.name))
+
+    async def ensure_up(self, lab: BenchLab) -> None:
+        if lab.name not in self.labs_up:
+            await self.qlink_up(self.write_lab(lab), lab.name, lab.nodes)
+
+    # --- 2. restart ---------------------------------------------------------------------
+
+    async def restart_qlink(self, lab: BenchLab, result: RestartResult) -> None:
+        await self.ensure_up(lab)
+        pids = {row["node"]: row["pid"] for row in await self.daemon.status()}
+        names = lab.node_names()
+        for run in range(self.settings.restart_runs):
+            node = names[run % len(names)]
+            result.loads.append(load1())
+            done = await self.daemon.ctl("restart", "--force", f"{lab.name}/{node}")
+            result.qlink.add(done.seconds)
+            match = RESTART_PID.search(done.stdout)
+            if match is None or int(match.group(1)) == pids[node]:
+                raise BenchError(f"restart of {node} did not report a new running PID: {done}")
+            pids[node] = int(match.group(1))
+        progress(f"restart qlink: median {result.qlink.median * 1000:.0f} ms")
+
+    async def restart_bare(self, lab: BenchLab, result: RestartResult) -> None:
+        plan, document = await self.plan(self.write_lab(lab), lab.name)
+        _, _, pids = await self.bare_up(plan, document)
+        names = lab.node_names()
+        for run in range(self.settings.restart_runs):
+            node = names[run % len(names)]
+            result.loads.append(load1())
+            done = await run_timed(
+                [*python_command("bench.bare"), "restart", str(plan), node, str(pids[node])],
+                self.settings.launch_timeout,
+            )
+            done.check()
+            new_pid = int(json.loads(done.stdout)["pids"][node])
+            self.bare_pids.discard(pids[node])
+            self.bare_pids.add(new_pid)
+            pids[node] = new_pid
+            result.bare.add(done.seconds)
+        await self.bare_down()
+        progress(f"restart bare: median {result.bare.median * 1000:.0f} ms")
+
+    # --- 3. daemon cost -----------------------------------------------------------------
+
+    async def daemon_figures(self, liveness: float) -> IdleFigures:
+        """qlinkd's RSS and its CPU (utime + stime) over the window, from /proc."""
+        pid = self.daemon.pid
+        figures = IdleFigures(liveness, load=load1())
+        before = cpu_seconds(pid)
+        started = time.perf_counter()
+        await asyncio.sleep(self.settings.cpu_window)  # the measurement window itself
+        figures.cpu_seconds = cpu_seconds(pid) - before
+        figures.window_seconds = time.perf_counter() - started
+        memory = memory_bytes(pid)
+        figures.rss_bytes, figures.peak_rss_bytes = memory["VmRSS"], memory["VmHWM"]
+        return figures
+
+    async def idle(self, lab: BenchLab, result: IdleResult) -> None:
+        parts: list[BenchLab] = []
+        if lab.name not in self.labs_up:
+            # Its bring-up failed: the same number of VMs, in labs small enough to come up.
+            parts = chunked(lab.nodes, IDLE_PART, self.settings.port_base + PART_PORT_OFFSET)
+            for part in parts:
+                await self.qlink_up(self.write_lab(part), part.name, part.nodes, alone=False)
+            result.note = (
+                f"{lab.name} could not be brought up (see bring-up), so these {lab.nodes} VMs "
+                f"were brought up as {len(parts)} labs of at most {IDLE_PART}"
+            )
+        try:
+            await self._idle(lab, result)
+        finally:
+            for part in parts:
+                if part.name in self.labs_up:
+                    await self.qlink_down(part.name)
+
+    async def _idle(self, lab: BenchLab, result: IdleResult) -> None:
+        # Let the bring-up's aftermath (log writes, first liveness round) pass.
+        await asyncio.sleep(self.settings.settle)
+        result.default = await self.daemon_figures(DEFAULT_LIVENESS)
+        progress(
+            f"idle N={lab.nodes}: RSS {result.default.rss_bytes / 1e6:.1f} MB, "
+            f"CPU {result.default.cpu_percent:.2f}%"
+        )
+        for _ in range(self.settings.status_runs):
+            done = await self.daemon.ctl("status", "-o", "json")
+            if len(json.loads(done.stdout)) < lab.nodes:
+                raise BenchError("status lists fewer nodes than the lab has")
+            result.status.add(done.seconds)
+            result.status_get.add(await self.daemon.get_seconds("/status"))
+        progress(f"status N={lab.nodes}: p95 {result.status.percentile(0.95) * 1000:.0f} ms")
+        if not self.settings.quiet_liveness:
+            return
+        # The same VMs, re-adopted by a qlinkd that probes liveness once an hour.
+        await self.start_daemon("--liveness-interval", str(QUIET_LIVENESS))
+        started = time.perf_counter()
+        adopted = await LogFollower(self.daemon.log_path).wait_for(
+            lambda event: event.get("event") in ("vm_adopted", "vm_not_adopted"),
+            lab.nodes,
+            timeout=300,
+        )
+        if any(event["event"] != "vm_adopted" for event in adopted):
+            raise BenchError("the new qlinkd did not re-adopt every VM")
+        result.adopt_seconds = time.perf_counter() - started
+        await asyncio.sleep(self.settings.settle)
+        result.quiet = await self.daemon_figures(QUIET_LIVENESS)
+        progress(f"idle N={lab.nodes}, liveness off: CPU {result.quiet.cpu_percent:.2f}%")
+
+    async def fixed_costs(self) -> None:
+        """What every command pays before doing anything: the interpreter, and qlinkctl."""
+        for _ in range(self.settings.fixed_runs):
+            done = await run_timed([sys.executable, "-c", "pass"])
+            self.results.interpreter.add(done.check().seconds)
+        for _ in range(self.settings.fixed_runs):
+            self.results.status_empty.add((await self.daemon.ctl("status", "-o", "json")).seconds)
+
+    # --- 4. real guests -----------------------------------------------------------------
+
+    async def guests(self, result: GuestResult) -> None:
+        config = self.settings.guest_config
+        plan, document = await self.plan(config, "clos")
+        lab = document["lab"]
+        logs = {
+            name: Path(node["paths"]["console_log"]) for name, node in _nodes_of(document).items()
+        }
+        timeout = self.settings.guest_timeout
+        planned_after_up = False
+        for run in range(self.settings.guest_runs):
+            # qlink first in the first run: the bare launcher needs the ports qlink allocated.
+            for side in ("qlink", "bare") if run % 2 == 0 else ("bare", "qlink"):
+                result.loads.append(load1())
+                if side == "qlink":
+                    self.assert_quiet()
+                    watch = ReadyWatch(logs)
+                    watch.start()
+                    self.labs_up.add(lab)
+                    up = await self.daemon.ctl("up", str(config), timeout=timeout)
+                    ready = await watch.wait(timeout)
+                    result.qlink_ready.add(max(ready.values()))
+                    result.qlink_up_only.add(up.seconds)
+                    if not planned_after_up:
+                        plan, document = await self.plan(config, "clos")
+                        self.check_same_argv(document)
+                        planned_after_up = True
+                    await self.qlink_down(lab)
+                else:
+                    self.assert_quiet()
+                    self.check_ports_free(document)
+                    watch = ReadyWatch(logs)
+                    watch.start()
+                    done = await run_timed(
+                        [*python_command("bench.bare"), "up", str(plan)], timeout
+                    )
+                    done.check()
+                    self.bare_pids.update(json.loads(done.stdout)["pids"].values())
+                    ready = await watch.wait(timeout)
+                    result.bare_ready.add(max(ready.values()))
+                    await self.bare_down()
+            progress(
+                f"guests run {run + 1}: qlink {result.qlink_ready.values[-1]:.1f} s, "
+                f"bare {result.bare_ready.values[-1]:.1f} s (load {load1():.1f})"
+            )
+
+    # --- the whole run ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        settings = self.settings
+        await self.start_daemon()
+        async with self.section("fixed costs"):
+            await self.fixed_costs()
+        labs = labs_for(list(settings.sizes), settings.port_base)
+        async with self.section("warm-up"):
+            await self.warm_up(labs[min(labs)])
+        for size, lab in sorted(labs.items()):
+            keep_up = size in (settings.restart_nodes, settings.idle_nodes)
+            async with self.section(f"bring-up N={size}"):
+                await self.bringup(lab, keep_up)
+            if size == settings.restart_nodes:
+                self.results.restart = RestartResult(size)
+                async with self.section("restart"):
+                    await self.restart_qlink(lab, self.results.restart)
+            if size == settings.idle_nodes:
+                self.results.idle = IdleResult(size)
+                async with self.section("daemon cost"):
+                    await self.idle(lab, self.results.idle)
+            if lab.name in self.labs_up:
+                async with self.section(f"down N={size}"):
+                    await self.qlink_down(lab.name)
+            if size == settings.restart_nodes and self.results.restart is not None:
+                async with self.section("restart"):
+                    await self.restart_bare(lab, self.results.restart)
+        if settings.guest:
+            self.results.guest = GuestResult(6)
+            async with self.section("real guests"):
+                await self.start_daemon()  # the defaults again, if the idle test changed them
+                await self.guests(self.results.guest)
+        else:
+            self.results.guest_skipped = "skipped in quick mode (pass --guest to run it)"
+
+    async def close(self) -> list[int]:
+        """Tear everything down; returns the PIDs of QEMUs that had to be swept up."""
+        with contextlib.suppress(Exception):
+            await self.reset()
+        await self.daemon.stop()
+        leftovers = [process.pid for process in qemu_under(self.top)]
+        await kill_all(leftovers, self.top)
+        return leftovers
+
+
+async def run_bench(settings: Settings, results: Results, top: Path) -> None:
+    """Run every measurement under `top`, then tear down everything started there."""
+    progress(f"root: {top}")
+    bench = Bench(settings, results, top)
+    started = time.perf_counter()
+    try:
+        await bench.run()
+    finally:
+        leftovers = await bench.close()
+        if leftovers:
+            results.errors["teardown"] = f"QEMU left running after teardown, killed: {leftovers}"
+        results.total_seconds = time.perf_counter() - started
+    progress(f"done in {results.total_seconds:.0f} s")
