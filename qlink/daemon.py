@@ -22,6 +22,7 @@ from qlink.plan.argv import HostFacts, build_argv
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
 from qlink.plan.paths import Layout
 from qlink.runtime.process import (
+    CreationWatcher,
     ProcessIdentity,
     check_tcp_port_free,
     check_udp_ports_free,
@@ -29,7 +30,14 @@ from qlink.runtime.process import (
     ports_in_use,
 )
 from qlink.state import load_allocations, save_allocations, write_json
-from qlink.supervisor import Hooks, SupervisorSettings, VmState, VmStatus, VmSupervisor
+from qlink.supervisor import (
+    Hooks,
+    SupervisorSettings,
+    VmRuntime,
+    VmState,
+    VmStatus,
+    VmSupervisor,
+)
 from qlink.topology import Lab, Link, parse_topology_text
 
 log = structlog.get_logger("qlinkd")
@@ -136,6 +144,7 @@ class Daemon(Hooks):
         self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         # One `up`/`down` at a time: each plans against the allocations the last one left.
         self._lab_lock = asyncio.Lock()
+        self._runtime = VmRuntime()
 
     # --- Hooks: what supervisors ask of the daemon --------------------------------------
 
@@ -234,8 +243,11 @@ class Daemon(Hooks):
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Adopt what runs, then run supervisors until cancelled (the VMs stay up)."""
+        watcher = CreationWatcher()
+        self._runtime = VmRuntime(watcher)
         async with asyncio.TaskGroup() as group:
             self._group = group
+            dispatcher = group.create_task(watcher.run(), name="inotify")
             try:
                 self._restore_labs()
                 # Serve only once every VM left by a previous qlinkd is adopted (or known
@@ -250,7 +262,9 @@ class Daemon(Hooks):
                 for runtime in self.labs.values():
                     for task in runtime.tasks.values():
                         task.cancel()
+                dispatcher.cancel()
                 self._group = None
+        watcher.close()
 
     def _restore_labs(self) -> None:
         labs_dir = self.layout.state_dir / "labs"
@@ -292,12 +306,26 @@ class Daemon(Hooks):
         want_running: bool,
     ) -> VmSupervisor:
         assert self._group is not None, "the daemon is not serving"
-        supervisor = VmSupervisor(plan, build_argv(plan, self.host), self, settings=self.settings)
+        supervisor = VmSupervisor(
+            plan, build_argv(plan, self.host), self, settings=self.settings, runtime=self._runtime
+        )
         runtime.supervisors[plan.name] = supervisor
         runtime.tasks[plan.name] = self._group.create_task(
-            supervisor.run(identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
+            self._guarded(supervisor, identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
         )
         return supervisor
+
+    async def _guarded(
+        self, supervisor: VmSupervisor, identity: ProcessIdentity | None, want_running: bool
+    ) -> None:
+        """One VM's task; a bug in it must fail that VM, never the daemon and every lab."""
+        try:
+            await supervisor.run(identity, want_running)
+        except Exception as error:  # the daemon's own boundary: log it, keep the others
+            log.exception("supervisor_crashed", lab=supervisor.plan.lab, node=supervisor.name)
+            supervisor.status.state = VmState.FAILED
+            supervisor.status.last_error = f"internal error: {error!r}"
+            supervisor.settled.set()
 
     # --- operations ---------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-format", choices=("auto", "json", "text"), default="auto")
     parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS")
     parser.add_argument("--backoff-attempts", type=int, default=5, metavar="N")
-    parser.add_argument("--liveness-interval", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--liveness-interval", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument("--powerdown-timeout", type=float, default=30.0, metavar="SECONDS")
     return parser.parse_args(argv)
 

@@ -66,10 +66,13 @@ class VmRuntime:
     """The runtime operations a supervisor drives; tests of the state machine substitute
     fakes here, the product always uses these."""
 
+    def __init__(self, watcher: real_process.CreationWatcher | None = None) -> None:
+        self._watcher = watcher
+
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
     ) -> tuple[ProcessHandle, MonitorHandle]:
-        return await real_process.launch(argv, plan.paths, timeout, qmp_name)
+        return await real_process.launch(argv, plan.paths, timeout, qmp_name, self._watcher)
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
         return real_process.adopt(identity)
@@ -125,7 +128,9 @@ class Backoff:
 class Liveness:
     """A `query-status` every `interval`; `misses` unanswered in a row means hung."""
 
-    interval: float = 5.0
+    # Measured: a query-status costs qlinkd ~0.35 ms of CPU; at 5 s, 200 idle VMs took 1.4%
+    # of a core. At 30 s that is ~0.25%, and a hung VM is still caught within a minute.
+    interval: float = 30.0
     timeout: float = 5.0
     misses: int = 2
 

@@ -13,7 +13,12 @@ def notify(*assignments: str) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]  # abstract namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall("\n".join(assignments).encode())
+    # As sd_notify(3) does, a notification that cannot be delivered is dropped: it must never
+    # take the daemon down (systemd may be gone while qlinkd shuts down).
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(assignments).encode())
+    except OSError:
+        return False
     return True

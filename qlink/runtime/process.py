@@ -16,9 +16,10 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -251,14 +252,73 @@ def _tail(path: Path, start: int) -> str:
     return ""
 
 
-async def _created(inotify: Inotify, name: str) -> None:
-    async for event in inotify:
-        if event.name is not None and str(event.name) == name:
-            return
+class CreationWatcher:
+    """One inotify instance that every launch shares.
+
+    The kernel lets a user hold 128 inotify instances (fs.inotify.max_user_instances): a lab
+    that launches more VMs at once than that must not open one per launch. `run` dispatches
+    events and must be running (a task the daemon owns) while `created` is awaited.
+    """
+
+    def __init__(self) -> None:
+        self._inotify = Inotify()
+        self._watches: dict[Path, tuple[Any, int]] = {}
+        self._waiters: dict[Path, asyncio.Future[None]] = {}
+
+    def close(self) -> None:
+        self._inotify.close()
+
+    async def run(self) -> None:
+        async for event in self._inotify:
+            if event.path is None:
+                continue
+            waiter = self._waiters.get(Path(event.path))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    @contextlib.contextmanager
+    def expecting(self, path: Path) -> Iterator[asyncio.Future[None]]:
+        """A future resolved when `path` is created; the watch lasts as long as the block."""
+        directory = path.parent
+        watch, users = self._watches.get(directory, (None, 0))
+        if watch is None:
+            watch = self._inotify.add_watch(directory, Mask.CREATE | Mask.MOVED_TO)
+        self._watches[directory] = (watch, users + 1)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[path] = waiter
+        try:
+            yield waiter
+        finally:
+            self._waiters.pop(path, None)
+            watch, users = self._watches.pop(directory)
+            if users > 1:
+                self._watches[directory] = (watch, users - 1)
+            else:
+                with contextlib.suppress(OSError):
+                    self._inotify.rm_watch(watch)
+
+
+@contextlib.asynccontextmanager
+async def _private_watcher() -> AsyncIterator[CreationWatcher]:
+    """A watcher for one launch outside the daemon (tests, tools); qlinkd shares one."""
+    watcher = CreationWatcher()
+    # Owned here and awaited on the way out; not a TaskGroup, which would wrap the launch's
+    # own LaunchError in an ExceptionGroup.
+    dispatcher = asyncio.create_task(watcher.run())
+    try:
+        yield watcher
+    finally:
+        dispatcher.cancel()
+        await asyncio.wait([dispatcher])  # never raises, so a cancellation of ours survives
+        watcher.close()
 
 
 async def launch(
-    argv: Sequence[str], paths: NodePaths, timeout: float = 30.0, qmp_name: str = "qlink"
+    argv: Sequence[str],
+    paths: NodePaths,
+    timeout: float = 30.0,
+    qmp_name: str = "qlink",
+    watcher: CreationWatcher | None = None,
 ) -> tuple[QemuProcess, QmpSession]:
     """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
 
@@ -266,22 +326,35 @@ async def launch(
     bound and listening before the next, and the plan puts QMP before the console. So the
     console socket appearing (inotify) means QMP listens; the exit of QEMU ends the wait too.
     """
+    try:
+        if watcher is None:
+            async with _private_watcher() as private:
+                return await _launch(argv, paths, timeout, qmp_name, private)
+        return await _launch(argv, paths, timeout, qmp_name, watcher)
+    except OSError as error:
+        # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
+        # failed launch like any other: the supervisor backs off, the daemon stays up.
+        raise LaunchError(f"cannot launch: {error}", argv, None, "") from error
+
+
+async def _launch(
+    argv: Sequence[str], paths: NodePaths, timeout: float, qmp_name: str, watcher: CreationWatcher
+) -> tuple[QemuProcess, QmpSession]:
     prepare_directories(paths)
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
         stale.unlink(missing_ok=True)
     log_start = paths.qemu_log.stat().st_size if paths.qemu_log.exists() else 0
-    with Inotify() as inotify:
-        inotify.add_watch(paths.runtime_dir, Mask.CREATE | Mask.MOVED_TO)
+    with watcher.expecting(paths.console_socket) as console_created:
         pid = _spawn(argv, paths.qemu_log)
         process = _child(pid, argv)
         try:
             async with asyncio.timeout(timeout):
-                ready = asyncio.ensure_future(_created(inotify, paths.console_socket.name))
                 exited = asyncio.ensure_future(process.wait())
                 try:
-                    await asyncio.wait((ready, exited), return_when=asyncio.FIRST_COMPLETED)
+                    await asyncio.wait(
+                        (console_created, exited), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
-                    ready.cancel()
                     exited.cancel()
                 if (status := process.exit_status) is not None:
                     raise LaunchError(
