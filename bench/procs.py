@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import psutil
 
 from bench.bare import kill_and_wait
+from qlink.runtime.process import udp_port_in_use
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -110,17 +109,8 @@ def memory_bytes(pid: int) -> dict[str, int]:
 
 
 def busy_udp_ports(address: str, ports: Iterable[int]) -> list[int]:
-    """Ports someone holds, probed as qlink does: a bind without SO_REUSEADDR."""
-    busy = []
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((address, port))
-            except OSError as error:
-                if error.errno != errno.EADDRINUSE:
-                    raise
-                busy.append(port)
-    return busy
+    """Ports someone holds, probed as qlink does (a bind without SO_REUSEADDR)."""
+    return [port for port in ports if udp_port_in_use(address, port)]
 
 
 def qemu_under(root: Path) -> list[psutil.Process]:

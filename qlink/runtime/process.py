@@ -151,21 +151,25 @@ def ports_in_use(kind: str) -> frozenset[int]:
         return frozenset()
 
 
-def check_udp_ports_free(address: str, ports: Sequence[int]) -> None:
-    """Refuse a port someone else holds.
+def udp_port_in_use(address: str, port: int) -> bool:
+    """Whether someone holds the port. QEMU binds its UDP netdevs with SO_REUSEADDR, so a
+    second QEMU on the same port starts without a word and steals the link's frames; a bind
+    without SO_REUSEADDR fails on any port that is in use: the check QEMU does not make."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, port))
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE:
+                raise HostError(f"cannot bind UDP {address}:{port}: {error}") from error
+            return True
+    return False
 
-    QEMU binds its UDP netdevs with SO_REUSEADDR, so a second QEMU on the same port starts
-    without a word and steals the link's frames. A bind without SO_REUSEADDR fails on any
-    port that is in use, which is the check QEMU does not make.
-    """
+
+def check_udp_ports_free(address: str, ports: Sequence[int]) -> None:
+    """Refuse a port someone else holds, naming who holds it."""
     for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((address, port))
-            except OSError as error:
-                if error.errno != errno.EADDRINUSE:
-                    raise HostError(f"cannot bind UDP {address}:{port}: {error}") from error
-                raise PortInUseError(port, address, udp_port_holder(port)) from error
+        if udp_port_in_use(address, port):
+            raise PortInUseError(port, address, udp_port_holder(port))
 
 
 def check_tcp_port_free(address: str, port: int) -> None:
