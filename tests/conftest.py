@@ -168,13 +168,17 @@ def qlinkd(short_root: Path) -> Iterator[Callable[..., Qlinkd]]:
         return daemon
 
     yield start
-    live = [daemon for daemon in started if daemon.process and daemon.process.poll() is None]
-    if live:
-        labs = {key.split("/")[0] for key in live[-1].status()}
-        for lab in labs:
-            live[-1].ctl("down", lab, timeout=120)
-    for daemon in started:
-        daemon.stop()
+    try:
+        live = [daemon for daemon in started if daemon.process and daemon.process.poll() is None]
+        if live:
+            labs = {key.split("/")[0] for key in live[-1].status()}
+            for lab in labs:
+                live[-1].ctl("down", lab, timeout=120)
+    finally:
+        # Even when taking the labs down failed, no daemon outlives the test (and
+        # short_root then kills any QEMU left).
+        for daemon in started:
+            daemon.stop()
 
 
 def write_lab(root: Path, text: str, name: str = "lab.yaml") -> Path:
