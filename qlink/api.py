@@ -130,10 +130,7 @@ def build_app(daemon: Daemon) -> web.Application:
 
     @routes.get(API + "/captures/{endpoint:.+}")
     async def capture_link(request: web.Request) -> web.StreamResponse:
-        node_ref, sep, interface = request.match_info["endpoint"].rpartition(":")
-        if not sep:
-            raise ControlError("say NODE:INTERFACE", status=400)
-        _, supervisor = daemon.find_node(node_ref)
+        _, supervisor, interface = daemon.find_endpoint(request.match_info["endpoint"])
         packets = capture(supervisor, interface)
         first = await anext(packets)  # the pcap header; errors before it are plain replies
         response = web.StreamResponse(headers={"Content-Type": "application/vnd.tcpdump.pcap"})

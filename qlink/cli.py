@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from qlink.client import Client
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
+from qlink.plan.options import option_groups
 from qlink.plan.paths import Layout
 
 # The daemon verbs (status, restart ...) need only the client: the planning stack (pydantic,
@@ -49,19 +50,8 @@ def file_exists(path: str) -> bool:
 
 def argv_lines(argv: Sequence[str]) -> str:
     """An argv as a shell command, one option and its value per line, ready to paste."""
-    lines: list[str] = [shlex.quote(argv[0])]
-    index = 1
-    while index < len(argv):
-        item = argv[index]
-        takes_value = (
-            item.startswith("-") and index + 1 < len(argv) and not argv[index + 1].startswith("-")
-        )
-        if takes_value:
-            lines.append(f"{shlex.quote(item)} {shlex.quote(argv[index + 1])}")
-            index += 2
-        else:
-            lines.append(shlex.quote(item))
-            index += 1
+    lines = [shlex.quote(argv[0])]
+    lines += [" ".join(shlex.quote(item) for item in group) for group in option_groups(argv)]
     return " \\\n    ".join(lines)
 
 

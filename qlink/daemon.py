@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from qlink.errors import ControlError, HostError, PortInUseError, QlinkError, VmError
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
+from qlink.plan.options import option_groups
 from qlink.plan.paths import Layout
 from qlink.runtime.process import (
     CreationWatcher,
@@ -115,15 +116,8 @@ class LabChange:
 def _argv_difference(old: list[str], new: list[str]) -> str:
     """The options that differ, as `-m 256M → -m 512M`, `+ -netdev ...`, `- -device ...`."""
 
-    def options(argv: list[str]) -> list[str]:
-        pairs, index = [], 1
-        while index < len(argv):
-            takes_value = index + 1 < len(argv) and not argv[index + 1].startswith("-")
-            pairs.append(" ".join(argv[index : index + (2 if takes_value else 1)]))
-            index += 2 if takes_value else 1
-        return pairs
-
-    before, after = options(old), options(new)
+    before = [" ".join(group) for group in option_groups(old)]
+    after = [" ".join(group) for group in option_groups(new)]
     removed = [item for item in before if item not in after]
     added = [item for item in after if item not in before]
     parts = [f"- {item}" for item in removed] + [f"+ {item}" for item in added]
@@ -213,10 +207,7 @@ class Daemon(Hooks):
 
     async def set_link(self, reference: str, up: bool) -> dict[str, Any]:
         """`link down|up NODE:IF` (or `LAB/NODE:IF`): a cut cable, both ends, remembered."""
-        node_ref, sep, interface = reference.rpartition(":")
-        if not sep:
-            raise ControlError(f"say NODE:INTERFACE, not {reference!r}", status=400)
-        runtime, supervisor = self.find_node(node_ref)
+        runtime, supervisor, interface = self.find_endpoint(reference)
         link = runtime.record.lab.link_of(supervisor.name, interface)
         if link is None:
             raise ControlError(f"{supervisor.name} has no interface {interface!r}", status=404)
@@ -347,12 +338,13 @@ class Daemon(Hooks):
         """
         async with self._lab_lock:
             previous = load_allocations(self.layout)
+            busy = ports_in_use()
             plan, allocations = plan_lab(
                 lab,
                 self.layout,
                 previous,
-                busy_udp=ports_in_use("udp"),
-                busy_tcp=ports_in_use("tcp"),
+                busy_udp=busy.udp,
+                busy_tcp=busy.tcp,
             )
             runtime = self.labs.get(lab.name)
             argvs = {name: build_argv(node, self.host) for name, node in plan.nodes.items()}
@@ -486,6 +478,14 @@ class Daemon(Hooks):
             del self.labs[lab_name]
             (self.layout.lab_state_dir(lab_name) / "lab.json").unlink(missing_ok=True)
             log.info("lab_down", lab=lab_name)
+
+    def find_endpoint(self, reference: str) -> tuple[LabRuntime, VmSupervisor, str]:
+        """`NODE:IF` or `LAB/NODE:IF`: the node's lab, its supervisor, the interface."""
+        node_ref, sep, interface = reference.rpartition(":")
+        if not sep:
+            raise ControlError(f"say NODE:INTERFACE, not {reference!r}", status=400)
+        runtime, supervisor = self.find_node(node_ref)
+        return runtime, supervisor, interface
 
     def find_node(self, reference: str) -> tuple[LabRuntime, VmSupervisor]:
         """`node` or `lab/node`; a bare name must be unambiguous."""

@@ -139,16 +139,26 @@ def udp_port_holder(port: int) -> str | None:
     return None
 
 
-def ports_in_use(kind: str) -> frozenset[int]:
-    """Local ports bound on this host now (`udp` or `tcp`), for allocations to avoid."""
+@dataclass(frozen=True, slots=True)
+class BusyPorts:
+    udp: frozenset[int]
+    tcp: frozenset[int]
+
+
+def ports_in_use() -> BusyPorts:
+    """Local UDP and TCP ports bound on this host now, for allocations to avoid.
+
+    One pass over the host's sockets: psutil walks every process's descriptors for it.
+    """
+    udp: set[int] = set()
+    tcp: set[int] = set()
     try:
-        return frozenset(
-            connection.laddr.port
-            for connection in psutil.net_connections(kind=kind)
-            if connection.laddr
-        )
+        for connection in psutil.net_connections(kind="inet"):
+            if connection.laddr:
+                (udp if connection.type == socket.SOCK_DGRAM else tcp).add(connection.laddr.port)
     except (psutil.AccessDenied, OSError):
-        return frozenset()
+        pass
+    return BusyPorts(frozenset(udp), frozenset(tcp))
 
 
 def udp_port_in_use(address: str, port: int) -> bool:
