@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,11 +17,13 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from qlink.client import Client
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
-from qlink.plan.options import option_groups
 from qlink.plan.paths import Layout
 
-# The daemon verbs (status, restart ...) need only the client: the planning stack (pydantic,
-# ruamel.yaml, structlog) is imported by the verbs that plan, so `qlinkctl status` stays fast.
+# Every command pays for this module's imports before it starts: the daemon verbs (status,
+# start, stop ...) need only the client, so whatever else a verb needs is imported by that
+# verb: the planning stack (pydantic, ruamel.yaml) by `validate` and `plan`, aiohttp by
+# `console`, subprocess by `graph`, shlex by `plan`. tests/test_cli.py checks the daemon verbs'
+# imports stay this way.
 if TYPE_CHECKING:
     from qlink.plan.argv import HostFacts
     from qlink.topology import Lab
@@ -50,6 +50,10 @@ def file_exists(path: str) -> bool:
 
 def argv_lines(argv: Sequence[str]) -> str:
     """An argv as a shell command, one option and its value per line, ready to paste."""
+    import shlex
+
+    from qlink.plan.options import option_groups
+
     lines = [shlex.quote(argv[0])]
     lines += [" ".join(shlex.quote(item) for item in group) for group in option_groups(argv)]
     return " \\\n    ".join(lines)
@@ -207,7 +211,7 @@ def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     rows = [
         [
             node["lab"], node["node"], node["state"], str(node["pid"] or "-"),
-            _duration(node["uptime"]), str(node["restarts"]),
+            _duration(node["uptime"]), str(node["restarts"]), node["ssh"] or "-",
             " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
         ]
         for node in nodes
@@ -216,7 +220,7 @@ def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     if not rows:
         print("no labs are up")
         return
-    print(table(["LAB", "NODE", "STATE", "PID", "UPTIME", "RESTARTS", "PORTS"], rows))
+    print(table(["LAB", "NODE", "STATE", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"], rows))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -354,6 +358,8 @@ def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> s
 
 def cmd_graph(args: argparse.Namespace) -> int:
     """DOT always; SVG/PNG/PDF through graphviz's `dot` when it is installed."""
+    import subprocess
+
     source = Path(args.lab)
     if source.suffix in (".yaml", ".yml") or source.is_file():
         from qlink.topology import load_topology
@@ -417,7 +423,13 @@ def cmd_ssh(args: argparse.Namespace) -> int:
         command = command[1:]
     # Lab VMs are rebuilt all the time: their host keys change, so none is remembered.
     argv = [ssh, "-p", port, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-            "-o", "LogLevel=ERROR", f"{args.user}@{host}", *command]  # fmt: skip
+            "-o", "LogLevel=ERROR"]  # fmt: skip
+    # qlinkd's key, whose public half the guest got as a credential; the user's own keys and
+    # agent stay usable (a network OS with a password or keys of its own).
+    key = layout_from(args.root).ssh_key
+    if os.access(key, os.R_OK):
+        argv += ["-i", str(key)]
+    argv += [f"{args.user}@{host}", *command]
     os.execv(ssh, argv)
 
 

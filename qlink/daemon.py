@@ -30,6 +30,7 @@ from qlink.runtime.process import (
     create_overlay,
     ports_in_use,
 )
+from qlink.runtime.sshkey import ensure_ssh_credential
 from qlink.state import load_allocations, save_allocations, write_json
 from qlink.supervisor import (
     Hooks,
@@ -148,11 +149,15 @@ class Daemon(Hooks):
         if plan.mgmt is not None:
             check_tcp_port_free(plan.mgmt.host_address, plan.mgmt.ssh_port)
 
-    def prepare_disk(self, plan: NodePlan) -> None:
+    def prepare_files(self, plan: NodePlan) -> None:
         if plan.node.image is not None and create_overlay(
             Path(plan.node.image), plan.paths.overlay
         ):
             log.info("overlay_created", node=plan.name, overlay=str(plan.paths.overlay))
+        if plan.mgmt is not None and ensure_ssh_credential(
+            self.layout.ssh_key, plan.mgmt.ssh_credential
+        ):
+            log.info("ssh_key_ready", key=str(self.layout.ssh_key))
 
     def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
         path = _process_file(plan)

@@ -195,8 +195,8 @@ class Hooks:
     def check_ports(self, plan: NodePlan) -> None:
         """Raise if a port the node binds is taken."""
 
-    def prepare_disk(self, plan: NodePlan) -> None:
-        """Create the node's overlay if it boots an image."""
+    def prepare_files(self, plan: NodePlan) -> None:
+        """Create the files the node's argv names: its disk overlay, its SSH credential."""
 
     def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
         """Remember (or forget) the running process, for re-adoption after a restart."""
@@ -406,7 +406,7 @@ class VmSupervisor:
         self._set_state(VmState.STARTING, pid=None, next_start_at=None)
         self._shutdown_reason = None
         self._hooks.check_ports(self.plan)
-        self._hooks.prepare_disk(self.plan)
+        self._hooks.prepare_files(self.plan)
         process, qmp = await self._runtime.launch(
             self.argv,
             self.plan,

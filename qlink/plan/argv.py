@@ -98,6 +98,10 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
             "-netdev", qemu_opts("user", id=mgmt.netdev_id, hostfwd=forward),
             "-device", qemu_opts(node.nic_model, netdev=mgmt.netdev_id, id=mgmt.device_id,
                                  mac=mgmt.mac, bus=ROOT_BUS, addr=f"{MGMT_SLOT:#x}"),
+            # Root's authorized keys as a systemd credential in an OEM string: systemd >= 252
+            # guests (Debian 12 and later) install it, as does the qlink test guest; any
+            # other OS just sees one more SMBIOS string.
+            "-smbios", qemu_opts(type=11, path=str(mgmt.ssh_credential)),
         ]  # fmt: skip
     for index in range(plan.bridges):
         place = bridge_place(index)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from qlink.errors import PlanError
 from qlink.plan.allocations import (
@@ -62,6 +63,8 @@ class MgmtPlan:
 
     mac: str
     ssh_port: int
+    ssh_credential: Path
+    """Root's authorized keys as an SMBIOS OEM string (see `Layout.ssh_credential`)."""
     host_address: str = LOOPBACK
 
     netdev_id = "mgmt"
@@ -211,6 +214,7 @@ def plan_lab(
             MgmtPlan(
                 mac=mac_address(lab.name, name, MGMT_KEY),
                 ssh_port=ssh_ports[port_key(lab.name, name, "ssh")],
+                ssh_credential=layout.ssh_credential,
             )
             if node.mgmt
             else None

@@ -37,6 +37,16 @@ class Layout:
     def allocations_file(self) -> Path:
         return self.state_dir / "allocations.json"
 
+    @property
+    def ssh_key(self) -> Path:
+        """The private key `qlinkctl ssh` logs in with; its public half goes to the guests."""
+        return self.state_dir / "ssh" / "id_ed25519"
+
+    @property
+    def ssh_credential(self) -> Path:
+        """The SMBIOS OEM string that hands the public key to guests with a management NIC."""
+        return self.state_dir / "ssh" / "authorized_keys.smbios"
+
     def lab_state_dir(self, lab: str) -> Path:
         return self.state_dir / "labs" / lab
 

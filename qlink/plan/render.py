@@ -32,7 +32,11 @@ def node_document(plan: NodePlan, host: HostFacts) -> dict[str, Any]:
         "mgmt": (
             None
             if plan.mgmt is None
-            else {"mac": plan.mgmt.mac, "ssh": f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}"}
+            else {
+                "mac": plan.mgmt.mac,
+                "ssh": f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}",
+                "ssh_credential": str(plan.mgmt.ssh_credential),
+            }
         ),
         "paths": {
             "qmp_socket": str(paths.qmp_socket),

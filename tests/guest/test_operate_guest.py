@@ -1,5 +1,5 @@
 """Operating a live lab, seen from inside real guests: a cut cable, carrier that follows the
-peer, and a capture of LLDP from both ends of a link."""
+peer, a capture of LLDP from both ends of a link, and ssh through the management NIC."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def pair_lab(root: Path, guest: GuestFiles) -> Path:
           initrd: {guest.initrd}
         nodes:
           r1: {{append: "console=ttyS0 qlink.name=r1 qlink.addr=eth1=10.0.12.0/31"}}
-          r2: {{append: "console=ttyS0 qlink.name=r2 qlink.addr=eth1=10.0.12.1/31"}}
+          r2: {{append: "console=ttyS0 qlink.name=r2 qlink.addr=eth1=10.0.12.1/31", mgmt: true}}
         links:
           - [r1:eth1, r2:eth1]
         """,
@@ -57,6 +57,34 @@ async def until(console: GuestConsole, command: str, expected: str, timeout: flo
         if time.monotonic() - started > timeout:
             raise AssertionError(f"{console.name}: `{command}` never gave {expected!r}")
     return time.monotonic() - started
+
+
+def ssh_until_ok(daemon: Qlinkd, node: str, command: str, timeout: float) -> tuple[str, float]:
+    """`qlinkctl ssh NODE -- COMMAND`, again while the guest's SSH server is not up yet."""
+    started = time.monotonic()
+    while True:
+        result = daemon.ctl("ssh", node, "--", command, timeout=60)
+        if result.returncode == 0:
+            return result.stdout, time.monotonic() - started
+        # 255 is ssh's own failure (refused, reset while user networking comes up).
+        assert result.returncode == 255, result.stdout + result.stderr
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"ssh {node} never worked: {result.stderr.strip()}")
+        time.sleep(0.5)
+
+
+def assert_ssh_reaches_r2(daemon: Qlinkd) -> str:
+    """ssh through r2's management NIC, with the key qlinkd handed to the guest; r1 has no
+    management NIC, and says so. Returns r2's SSH address."""
+    ssh_address: str = daemon.status()["pair/r2"]["ssh"]
+    assert ssh_address.startswith("127.0.0.1:")
+    output, waited = ssh_until_ok(daemon, "r2", "hostname; cat /sys/class/net/eth1/carrier", 60)
+    assert output.split() == ["r2", "1"]
+    print(f"ssh r2 worked after {waited:.2f} s of tries")
+    refused = daemon.ctl("ssh", "r1", "--", "true")
+    assert refused.returncode == 2
+    assert "r1 has no management NIC" in refused.stderr
+    return ssh_address
 
 
 def lldp_sources(pcap: bytes) -> dict[str, int]:
@@ -85,6 +113,8 @@ async def test_cut_cable_carrier_and_capture(
     try:
         await r1.run("ping -c 2 -W 2 10.0.12.1")
         assert await carrier(r1) == "1"
+
+        ssh_address = assert_ssh_reaches_r2(daemon)
 
         # A capture while LLDP flows holds frames from both ends of the link.
         pcap_path = short_root / "eth1.pcap"
@@ -123,6 +153,11 @@ async def test_cut_cable_carrier_and_capture(
         await wait_ready({"r2": logs["r2"]}, offsets, timeout=300)
         r2 = await GuestConsole.connect("r2", node_paths(short_root, "r2")[1])
         await r2.run("ping -c 2 -W 2 10.0.12.0")
+
+        # The new r2 keeps its SSH port, and the key still opens it.
+        assert daemon.status()["pair/r2"]["ssh"] == ssh_address
+        output, _ = ssh_until_ok(daemon, "r2", "cat /proc/uptime", 60)
+        assert float(output.split()[0]) < 120
     finally:
         await r1.close()
         await r2.close()

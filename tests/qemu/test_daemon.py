@@ -100,6 +100,7 @@ def test_up_status_links_down(
         "PID",
         "UPTIME",
         "RESTARTS",
+        "SSH",
         "PORTS",
     ]
     daemon.ctl_ok("down", "t")
