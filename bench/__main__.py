@@ -107,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     progress(f"{settings.mode} run, load {results.machine.load_at_start[0]:.2f}")
     # Short: unix socket paths under it must stay within 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="qlb-", dir="/tmp"))  # the run's roots go in here
+    # An installed qlink has its bytecode; an editable one writes it on first use, unless the
+    # caller's environment says PYTHONDONTWRITEBYTECODE, which would make every qlinkctl,
+    # qlinkd and bare launcher the run starts compile their modules again (~20 ms a command).
+    # The commands get a bytecode cache of the run's own instead.
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
     interrupted = False
     try:
         asyncio.run(run_bench(settings, results, root))

@@ -270,7 +270,9 @@ METHOD = """\
   of each. The benchmark checks that qlinkd launched exactly the argv `qlinkctl plan` printed.
 - Both sides are commands started by the benchmark (`qlinkctl`, `python -m bench.bare`) and
   pay the interpreter's start-up: see `python -c pass` under Machine. qlink's bring-up runs
-  two commands (`up`, then `status`), the bare launcher one.
+  two commands (`up`, then `status`), the bare launcher one. Every command runs with Python's
+  bytecode cache (in the run's root), as an installed package has it, whatever
+  PYTHONDONTWRITEBYTECODE says in the caller's environment.
 - The generated labs fix their UDP ports (28000 up, one block per size) so that other labs
   on a shared machine cannot take them while a benchmark lab is down between runs.
 - Load average is shown per measurement: other VMs on the machine slow both sides, and

@@ -18,10 +18,11 @@ import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from qlink.errors import ControlError, HostError, PortInUseError, QlinkError, VmError
-from qlink.plan.argv import HostFacts, build_argv
+from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
 from qlink.plan.options import option_groups
 from qlink.plan.paths import Layout
+from qlink.plan.replug import NicReplug, nic_replug
 from qlink.runtime.process import (
     CreationWatcher,
     ProcessIdentity,
@@ -74,6 +75,14 @@ class LabRuntime:
     # Carrier changes are computed and applied one at a time per lab, so that the last
     # application always reflects the latest node states.
     carrier_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The carrier each NIC has, by (node, interface): the PID of the QEMU that has it, and
+    # up or not. A QEMU starts with every link up, so a pass sends set_link only where the
+    # carrier must change: in a lab coming up, a link whose two ends run costs no command.
+    # Keyed by PID, so what a replaced QEMU was told never stands for its successor; a QEMU
+    # adopted from an earlier qlinkd (which may have cut links) is unknown: every end is set.
+    carriers: dict[tuple[str, str], tuple[int, bool]] = field(default_factory=dict)
+    launching: set[str] = field(default_factory=set)
+    """Nodes whose next RUNNING is a QEMU this qlinkd started, with every link up."""
 
     @property
     def name(self) -> str:
@@ -93,6 +102,16 @@ class LabRuntime:
             return False, f"down ({peer.node} not running)"
         return True, "up"
 
+    def note_state(self, plan: NodePlan, status: VmStatus) -> None:
+        """Learn a fresh QEMU's carriers (all up) from the transitions that start it."""
+        if status.state == VmState.STARTING:
+            self.launching.add(plan.name)
+            return
+        if status.state == VmState.RUNNING and plan.name in self.launching and status.pid:
+            for nic in plan.nics:
+                self.carriers[(plan.name, nic.interface)] = (status.pid, True)
+        self.launching.discard(plan.name)
+
 
 def _process_file(plan: NodePlan) -> Path:
     return plan.paths.state_dir / "process.json"
@@ -105,12 +124,15 @@ class LabChange:
     start: dict[str, str] = field(default_factory=dict)
     restart: dict[str, str] = field(default_factory=dict)
     remove: dict[str, str] = field(default_factory=dict)
+    replug: dict[str, NicReplug] = field(default_factory=dict)
+    """Running nodes that only gain or lose links: NIC hotplug, no restart."""
 
     def as_dict(self) -> dict[str, dict[str, str]]:
         return {
             "start": dict(sorted(self.start.items())),
             "restart": dict(sorted(self.restart.items())),
             "remove": dict(sorted(self.remove.items())),
+            "replug": {name: self.replug[name].describe() for name in sorted(self.replug)},
         }
 
 
@@ -174,6 +196,8 @@ class Daemon(Hooks):
         for queue in self._subscribers:
             queue.put_nowait(update)
         runtime = self.labs.get(plan.lab)
+        if runtime is not None:
+            runtime.note_state(plan, status)
         if runtime is not None and self._group is not None and status.state in (
             VmState.RUNNING, VmState.STOPPING, VmState.BACKOFF, VmState.FAILED, VmState.STOPPED,
         ):  # fmt: skip
@@ -182,8 +206,9 @@ class Daemon(Hooks):
             )
 
     async def _apply_carrier(self, runtime: LabRuntime, node: str) -> None:
-        """Give every end of `node`'s links the carrier it should have now: its own ends (a
-        QEMU that just started has every link up) and its peers' (they follow it)."""
+        """Give every end of `node`'s links the carrier it should have now, where it has
+        another: its own ends (a QEMU that just started has every link up) and its peers'
+        (they follow it)."""
         async with runtime.carrier_lock:
             for link in runtime.record.lab.links:
                 if not any(end.node == node for end in link.endpoints):
@@ -196,17 +221,22 @@ class Daemon(Hooks):
     ) -> None:
         supervisor = runtime.supervisors.get(node)
         qmp = supervisor.qmp if supervisor is not None else None
-        if qmp is None:
+        pid = supervisor.status.pid if supervisor is not None else None
+        if qmp is None or pid is None:
             return  # not running: it gets its carrier when it starts
         up, reason = runtime.carrier(link, node)
+        if runtime.carriers.get((node, interface)) == (pid, up):
+            return  # that QEMU's NIC has it already
         netdev = runtime.plan.nodes[node].nic(interface).netdev_id
         try:
             # set_link on the netdev takes the backend down and tells the NIC, so the guest
             # sees carrier loss (virtio-net link status) and no frame passes either way.
             await qmp.execute("set_link", {"name": netdev, "up": up})
         except VmError as error:
+            runtime.carriers.pop((node, interface), None)  # unknown now: the next pass sets it
             log.warning("carrier_not_set", node=node, interface=interface, error=str(error))
             return
+        runtime.carriers[(node, interface)] = (pid, up)
         log.info("carrier_set", lab=runtime.name, node=node, interface=interface, up=up,
                  reason=reason)  # fmt: skip
 
@@ -381,6 +411,9 @@ class Daemon(Hooks):
                 for name in change.remove:
                     await self._remove_node(runtime, name)
                 waiting: dict[str, asyncio.Future[VmStatus]] = {}
+                for name, replug in change.replug.items():
+                    if not await self._replug(runtime, name, replug):
+                        waiting[name] = runtime.supervisors[name].submit("restart")
                 for name in change.restart:
                     waiting[name] = runtime.supervisors[name].submit("restart")
                 for name in change.start:
@@ -412,7 +445,10 @@ class Daemon(Hooks):
             operator_stopped = name in runtime.record.stopped
             if supervisor.argv != argvs[name]:
                 why = "command line changed: " + _argv_difference(supervisor.argv, argvs[name])
-                if not idle:
+                replug = None if idle else nic_replug(supervisor.plan, plan.nodes[name], self.host)
+                if replug is not None:
+                    change.replug[name] = replug
+                elif not idle:
                     change.restart[name] = why
                 elif not operator_stopped:
                     change.start[name] = why
@@ -462,6 +498,35 @@ class Daemon(Hooks):
             if update.get("lab") == lab:
                 yield update
         yield {"event": "done", "lab": lab, "failed": failed}
+
+    async def _replug(self, runtime: LabRuntime, name: str, replug: NicReplug) -> bool:
+        """Take NICs out of a running node and put others in; False if it needs a restart.
+
+        The supervisor already holds the new plan and argv, so should the VM restart or crash
+        meanwhile, it comes back with the new NICs anyway.
+        """
+        supervisor = runtime.supervisors[name]
+        qmp, pid = supervisor.qmp, supervisor.status.pid
+        if qmp is None or pid is None:
+            return True  # not running after all: it starts with the new command line
+        plan = supervisor.plan
+        try:
+            for nic in replug.unplug:
+                runtime.carriers.pop((name, nic.interface), None)
+                await qmp.unplug(nic.device_id, timeout=self.settings.unplug_timeout)
+                await qmp.execute("netdev_del", {"id": nic.netdev_id})
+            for nic in replug.plug:
+                await qmp.execute("netdev_add", nic_netdev_options(nic))
+                await qmp.execute("device_add", nic_device_options(plan, nic))
+                runtime.carriers[(name, nic.interface)] = (pid, True)  # a new NIC is up
+        except VmError as error:
+            if supervisor.status.pid != pid:
+                return True  # replaced meanwhile, by a QEMU with the new command line
+            log.warning("replug_failed", lab=runtime.name, node=name, error=str(error))
+            return False
+        log.info("nics_replugged", lab=runtime.name, node=name, change=replug.describe())
+        await self._apply_carrier(runtime, name)
+        return True
 
     async def _remove_node(self, runtime: LabRuntime, name: str) -> None:
         supervisor = runtime.supervisors.pop(name)

@@ -16,21 +16,46 @@ Errors carry data; only the CLI turns them into a message, a hint and an exit co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 
 class QlinkError(Exception):
     """Base of every error qlink raises on purpose."""
 
 
-@dataclass(frozen=True, slots=True)
 class ConfigIssue:
-    """One thing wrong in a topology file, located as precisely as the parser allows."""
+    """One thing wrong in a topology file, located as precisely as the parser allows.
+
+    A plain immutable class rather than a dataclass: every `qlinkctl` command imports this
+    module, and `dataclasses` (with `inspect` behind it) would cost it some 20 ms.
+    """
+
+    __slots__ = ("field", "file", "line", "message")
+
+    def __init__(self, file: str, line: int | None, field: str, message: str) -> None:
+        object.__setattr__(self, "file", file)
+        object.__setattr__(self, "line", line)
+        object.__setattr__(self, "field", field)
+        object.__setattr__(self, "message", message)
 
     file: str
     line: int | None
     field: str
     message: str
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ConfigIssue is immutable: cannot set {name}")
+
+    def _key(self) -> tuple[str, int | None, str, str]:
+        return (self.file, self.line, self.field, self.message)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ConfigIssue) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return "ConfigIssue(file={!r}, line={!r}, field={!r}, message={!r})".format(*self._key())
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file

@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backoff-attempts", type=int, default=5, metavar="N")
     parser.add_argument("--liveness-interval", type=float, default=30.0, metavar="SECONDS")
     parser.add_argument("--powerdown-timeout", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument(
+        "--unplug-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="how long a guest gets to release the NIC of a removed link before its node "
+        "is restarted instead (default 10)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -100,6 +105,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         backoff=Backoff(initial=args.backoff_initial, attempts=args.backoff_attempts),
         liveness=Liveness(interval=args.liveness_interval),
         stop_timeouts=StopTimeouts(powerdown=args.powerdown_timeout),
+        unplug_timeout=args.unplug_timeout,
     )
     try:
         asyncio.run(run_daemon(layout_from(args.root), settings))

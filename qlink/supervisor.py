@@ -59,6 +59,7 @@ class MonitorHandle(Protocol):
         self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
     ) -> Any: ...
     def listen(self, names: Iterable[str] = ...) -> AbstractContextManager[AsyncIterator[Any]]: ...
+    async def unplug(self, device_id: str, timeout: float) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -141,6 +142,8 @@ class SupervisorSettings:
     liveness: Liveness = Liveness()
     stop_timeouts: StopTimeouts = field(default_factory=StopTimeouts)
     launch_timeout: float = 30.0
+    unplug_timeout: float = 10.0
+    """How long a guest gets to release a NIC taken out of it (a link removed from its lab)."""
 
 
 @dataclass

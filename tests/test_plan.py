@@ -69,13 +69,12 @@ def test_natural_position_is_the_trailing_number(name: str, position: int | None
     assert natural_position(name) == position
 
 
-def test_places_follow_positions_across_root_bus_and_bridges() -> None:
-    assert place_of(0) == PciPlace("pcie.0", 0x03)
-    assert place_of(19) == PciPlace("pcie.0", 0x16)
-    assert place_of(20) == PciPlace("qlink-br0", 1)
-    assert place_of(50) == PciPlace("qlink-br0", 31)
-    assert place_of(51) == PciPlace("qlink-br1", 1)
-    assert place_of(POSITION_CAPACITY - 1) == PciPlace("qlink-br7", 31)
+def test_places_follow_positions_across_bridges() -> None:
+    assert place_of(0) == PciPlace("qlink-br0", 1)
+    assert place_of(30) == PciPlace("qlink-br0", 31)
+    assert place_of(31) == PciPlace("qlink-br1", 1)
+    assert place_of(52) == PciPlace("qlink-br1", 22)
+    assert place_of(POSITION_CAPACITY - 1) == PciPlace("qlink-br27", 31)
     with pytest.raises(ValueError, match="outside"):
         place_of(POSITION_CAPACITY)
 
@@ -87,28 +86,29 @@ def test_all_places_are_distinct() -> None:
 
 def test_bridges_are_contiguous_up_to_the_highest_position() -> None:
     assert bridges_needed([]) == 0
-    assert bridges_needed([1, 19]) == 0
-    assert bridges_needed([1, 20]) == 1
+    assert bridges_needed([0]) == 1
+    assert bridges_needed([1, 30]) == 1
+    assert bridges_needed([1, 31]) == 2
     assert bridges_needed([52]) == 2
 
 
 def test_number_collisions_go_to_the_name_that_sorts_first() -> None:
     positions = assign_positions(["swp1", "eth1", "uplink"], {})
     assert positions["eth1"] == 1
-    assert positions["swp1"] == 19  # highest free on the root bus, the only bus in use
-    assert positions["uplink"] == 18
+    assert positions["swp1"] == 30  # highest free on bridge 0, the only bus in use
+    assert positions["uplink"] == 29
 
 
 def test_unnumbered_names_stay_on_buses_already_in_use() -> None:
-    positions = assign_positions(["swp30", "mgmt-ish", "uplink"], {})
-    assert positions["swp30"] == 30
-    assert positions["mgmt-ish"] == 50
-    assert positions["uplink"] == 49
+    positions = assign_positions(["swp40", "mgmt-ish", "uplink"], {})
+    assert positions["swp40"] == 40
+    assert positions["mgmt-ish"] == 61
+    assert positions["uplink"] == 60
 
 
 def test_remembered_positions_win_over_natural_ones() -> None:
     positions = assign_positions(["swp1", "eth1"], {"swp1": 1})
-    assert positions == {"swp1": 1, "eth1": 19}
+    assert positions == {"swp1": 1, "eth1": 30}
 
 
 def test_sixty_four_interfaces_fit_with_stable_bridges() -> None:
@@ -116,9 +116,9 @@ def test_sixty_four_interfaces_fit_with_stable_bridges() -> None:
     plan, _ = plan_lab(make_lab("wide", [link(f"a:{n}", f"b:{n}") for n in names]), LAYOUT)
     nics = plan.nodes["a"].nics
     assert [nic.interface for nic in nics] == names
-    assert plan.nodes["a"].bridges == 2
+    assert plan.nodes["a"].bridges == 3
     assert len({nic.place for nic in nics}) == 64
-    assert nics[63].place == PciPlace("qlink-br1", 64 - 51 + 1)
+    assert nics[63].place == PciPlace("qlink-br2", 64 - 62 + 1)
 
 
 # --- ports ---------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ class FakeMonitor:
                 raise VmError(f"QMP {command} got no answer within {timeout:g} s") from error
         return {"status": "running", "running": True} if command == "query-status" else {}
 
+    async def unplug(self, device_id: str, timeout: float) -> None:
+        await self.execute("device_del", {"id": device_id}, timeout)
+
     async def wait_commands(self, count: int) -> None:
         async with self._recorded:
             await self._recorded.wait_for(lambda: len(self.commands) >= count)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlink.plan.identity import DISK_SLOT, MGMT_SLOT, ROOT_BUS, bridge_id, bridge_place
-from qlink.plan.lab import NodePlan
+from qlink.plan.lab import NicPlan, NodePlan
 from qlink.topology import ResolvedAccel
 
 OptionValue = str | int | bool
@@ -110,12 +110,34 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
                                  addr=place.addr, chassis_nr=index + 1, shpc=False),
         ]  # fmt: skip
     for nic in plan.nics:
+        netdev = nic_netdev_options(nic)
+        device = nic_device_options(plan, nic)
         argv += [
-            "-netdev", qemu_opts("socket", id=nic.netdev_id,
-                                 udp=f"{nic.remote_address}:{nic.remote_port}",
-                                 localaddr=f"{nic.local_address}:{nic.local_port}"),
-            "-device", qemu_opts(node.nic_model, netdev=nic.netdev_id, id=nic.device_id,
-                                 mac=nic.mac, bus=nic.place.bus, addr=nic.place.addr),
+            "-netdev", qemu_opts(str(netdev.pop("type")), **netdev),
+            "-device", qemu_opts(str(device.pop("driver")), **device),
         ]  # fmt: skip
     argv += node.extra_args
     return argv
+
+
+def nic_netdev_options(nic: NicPlan) -> dict[str, OptionValue]:
+    """A data NIC's backend: the options of `-netdev` and the arguments of QMP `netdev_add`,
+    so a NIC plugged into a running VM is the one its command line would have made."""
+    return {
+        "type": "socket",
+        "id": nic.netdev_id,
+        "udp": f"{nic.remote_address}:{nic.remote_port}",
+        "localaddr": f"{nic.local_address}:{nic.local_port}",
+    }
+
+
+def nic_device_options(plan: NodePlan, nic: NicPlan) -> dict[str, OptionValue]:
+    """A data NIC's device: the options of `-device` and the arguments of QMP `device_add`."""
+    return {
+        "driver": plan.node.nic_model,
+        "netdev": nic.netdev_id,
+        "id": nic.device_id,
+        "mac": nic.mac,
+        "bus": nic.place.bus,
+        "addr": nic.place.addr,
+    }

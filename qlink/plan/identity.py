@@ -8,16 +8,19 @@ PCI layout on the q35 root bus (`pcie.0`), fixed whatever the node's interface c
 
     00:01.0          management NIC (user-mode networking), when the node has `mgmt`
     00:02.0          boot disk, when the node boots an `image`
-    00:03.0-00:16.0  data positions 0..19, one per slot
-    00:17.0-00:1e.0  PCI-PCI bridges 0..7; bridge k holds positions 20+31k .. 50+31k
+    00:03.0-00:1e.0  PCI-PCI bridges 0..27; bridge k holds data positions 31k .. 31k+30
                      at its slots 1..31 (slot 0 stays empty, as libvirt does)
     00:1f.x          ICH9 functions that q35 always has
+
+Every data NIC sits behind a bridge, because q35's root bus cannot hot-plug and a bridge can
+(ACPI hotplug): a link added to a running node is a `device_add` at the NIC's planned place,
+the very place a restart would give it, so the node keeps running.
 
 Linux probes the root bus in slot order and only then the buses behind bridges, in the
 bridges' slot order, so the position order is the guest's probe order. An interface whose
 name ends in a number takes that number as its position (`swp12` → 12, `eth0` → 0), so a
 guest that numbers ports by PCI order numbers them as the file does. Bridges 0..k are all
-present when position 20+31k is used, which keeps each bridge's bus number fixed too.
+present when position 31k is used, which keeps each bridge's bus number fixed too.
 """
 
 from __future__ import annotations
@@ -30,12 +33,10 @@ from dataclasses import dataclass
 ROOT_BUS = "pcie.0"
 MGMT_SLOT = 0x01
 DISK_SLOT = 0x02
-FIRST_ROOT_DATA_SLOT = 0x03
-ROOT_DATA_POSITIONS = 20
-FIRST_BRIDGE_SLOT = 0x17
-BRIDGE_COUNT = 8
+FIRST_BRIDGE_SLOT = 0x03
+BRIDGE_COUNT = 28
 SLOTS_PER_BRIDGE = 31
-POSITION_CAPACITY = ROOT_DATA_POSITIONS + BRIDGE_COUNT * SLOTS_PER_BRIDGE  # 268
+POSITION_CAPACITY = BRIDGE_COUNT * SLOTS_PER_BRIDGE  # 868
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 
@@ -68,18 +69,14 @@ def place_of(position: int) -> PciPlace:
     """The PCI place of a data position; a pure function, so positions never move."""
     if not 0 <= position < POSITION_CAPACITY:
         raise ValueError(f"position {position} is outside 0..{POSITION_CAPACITY - 1}")
-    if position < ROOT_DATA_POSITIONS:
-        return PciPlace(ROOT_BUS, FIRST_ROOT_DATA_SLOT + position)
-    bridge, offset = divmod(position - ROOT_DATA_POSITIONS, SLOTS_PER_BRIDGE)
+    bridge, offset = divmod(position, SLOTS_PER_BRIDGE)
     return PciPlace(bridge_id(bridge), offset + 1)
 
 
 def bridges_needed(positions: Iterable[int]) -> int:
     """How many bridges (always the first ones, contiguously) hold these positions."""
     highest = max(positions, default=-1)
-    if highest < ROOT_DATA_POSITIONS:
-        return 0
-    return (highest - ROOT_DATA_POSITIONS) // SLOTS_PER_BRIDGE + 1
+    return 0 if highest < 0 else highest // SLOTS_PER_BRIDGE + 1
 
 
 def natural_position(interface: str) -> int | None:
@@ -129,11 +126,11 @@ def _highest_free(taken: set[int]) -> int:
     """The highest free position among the buses already in use, adding a bridge if full.
 
     Highest, so that low numbers stay free for port-numbered names added later; within the
-    buses in use, so that one oddly named interface does not bring eight bridges with it.
+    buses in use, so that one oddly named interface does not bring more bridges with it.
     """
     bridges = bridges_needed(taken)
     while True:
-        limit = ROOT_DATA_POSITIONS + bridges * SLOTS_PER_BRIDGE
+        limit = bridges * SLOTS_PER_BRIDGE
         for position in range(limit - 1, -1, -1):
             if position not in taken:
                 return position

@@ -27,7 +27,8 @@ from qlink.plan.identity import (
     mac_address,
     place_of,
 )
-from qlink.plan.paths import Layout, NodePaths
+from qlink.plan.node_paths import NodePaths
+from qlink.plan.paths import Layout
 from qlink.topology import Endpoint, Lab, Node
 
 LOOPBACK = "127.0.0.1"

@@ -2,19 +2,42 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-# sockaddr_un.sun_path is 108 bytes, one of them the terminating NUL.
-MAX_SOCKET_PATH = 107
+# `typing` is not imported either, for the same reason as in the class docstring.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from qlink.plan.node_paths import NodePaths
 
 
-@dataclass(frozen=True, slots=True)
 class Layout:
-    """The two roots: state that survives a reboot, and sockets and pids that must not."""
+    """The two roots: state that survives a reboot, and sockets and pids that must not.
 
+    A plain immutable class rather than a dataclass: every `qlinkctl` command builds one, and
+    `dataclasses` (with `inspect` behind it) would cost it some 20 ms.
+    """
+
+    __slots__ = ("runtime_dir", "state_dir")
     state_dir: Path
     runtime_dir: Path
+
+    def __init__(self, state_dir: Path, runtime_dir: Path) -> None:
+        object.__setattr__(self, "state_dir", state_dir)
+        object.__setattr__(self, "runtime_dir", runtime_dir)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Layout is immutable: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and (self.state_dir, self.runtime_dir) == (
+            other.state_dir, other.runtime_dir,
+        )  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self.state_dir, self.runtime_dir))
+
+    def __repr__(self) -> str:
+        return f"Layout(state_dir={self.state_dir!r}, runtime_dir={self.runtime_dir!r})"
 
     @classmethod
     def system(cls) -> Layout:
@@ -51,6 +74,9 @@ class Layout:
         return self.state_dir / "labs" / lab
 
     def node(self, lab: str, node: str) -> NodePaths:
+        # Imported here: NodePaths is a dataclass, wanted only by the verbs that plan.
+        from qlink.plan.node_paths import NodePaths  # noqa: PLC0415
+
         run = self.runtime_dir / lab / node
         state = self.state_dir / "labs" / lab / "nodes" / node
         return NodePaths(
@@ -63,24 +89,3 @@ class Layout:
             qemu_log=state / "qemu.log",
             overlay=state / "disk.qcow2",
         )
-
-
-@dataclass(frozen=True, slots=True)
-class NodePaths:
-    runtime_dir: Path
-    state_dir: Path
-    qmp_socket: Path
-    console_socket: Path
-    pidfile: Path
-    console_log: Path
-    qemu_log: Path
-    """QEMU's own stdout and stderr."""
-    overlay: Path
-    """The qcow2 overlay a node booting an `image` runs on; the image itself stays untouched."""
-
-    def too_long_sockets(self) -> list[Path]:
-        return [
-            path
-            for path in (self.qmp_socket, self.console_socket)
-            if len(str(path).encode()) > MAX_SOCKET_PATH
-        ]

@@ -66,6 +66,26 @@ class QmpSession:
         with self._client.listen(listener):
             yield aiter(listener)
 
+    async def unplug(self, device_id: str, timeout: float) -> None:
+        """`device_del`, then wait until the guest let the device go (`DEVICE_DELETED`).
+
+        PCI unplug asks the guest to eject the device (ACPI); one that ignores the request
+        (no hotplug support) keeps it, which after `timeout` is a `VmError`.
+        """
+        with self.listen(["DEVICE_DELETED"]) as events:
+            await self.execute("device_del", {"id": device_id})
+            try:
+                async with asyncio.timeout(timeout):
+                    async for event in events:
+                        if event["data"].get("device") == device_id:
+                            return
+            except TimeoutError as error:
+                raise VmError(
+                    f"the guest did not release {device_id} within {timeout:g} s "
+                    "(does it support PCI hotplug?)"
+                ) from error
+        raise VmError(f"QMP closed before {device_id} was released")
+
     async def disconnected(self) -> None:
         """Return once the server hung up (QEMU exited, or closed the monitor)."""
         while self._client.runstate == Runstate.RUNNING:

@@ -3,8 +3,8 @@
 Boots two guests under TCG, wired back to back by a UDP unicast socket
 netdev on 127.0.0.1, and checks over the serial console that:
 
-* NICs are named by PCI position (00:04.0 -> swp1, bridge 00:17 slot 0x1f
-  -> swp50), addresses from qlink.addr are applied,
+* NICs are named by PCI position (bridge 00:03 slot 0x2 -> swp1, bridge
+  00:04 slot 0x14 -> swp50), addresses from qlink.addr are applied,
 * a pings b over the link,
 * lldpd on each side sees the other (system name and port name),
 * QMP system_powerdown (ACPI power button) makes the guest power off: QEMU
@@ -340,15 +340,17 @@ def lldp_neighbors(g: Guest) -> dict[str, str]:
 def test_two_guests_ping_and_lldp() -> None:
     pa, pb = free_udp_ports(2)
     nic_a = [
+        "-device", "pci-bridge,id=br0,bus=pcie.0,addr=0x3,chassis_nr=1,shpc=off",
         "-netdev", f"socket,id=nd0,udp=127.0.0.1:{pb},localaddr=127.0.0.1:{pa}",
         "-device",
-        "virtio-net-pci,netdev=nd0,bus=pcie.0,addr=0x4,mac=52:54:00:71:00:01",
+        "virtio-net-pci,netdev=nd0,bus=br0,addr=0x2,mac=52:54:00:71:00:01",
     ]  # fmt: skip
     nic_b = [
-        "-device", "pci-bridge,id=br0,bus=pcie.0,addr=0x17,chassis_nr=1,shpc=off",
+        "-device", "pci-bridge,id=br0,bus=pcie.0,addr=0x3,chassis_nr=1,shpc=off",
+        "-device", "pci-bridge,id=br1,bus=pcie.0,addr=0x4,chassis_nr=2,shpc=off",
         "-netdev", f"socket,id=nd0,udp=127.0.0.1:{pa},localaddr=127.0.0.1:{pb}",
         "-device",
-        "virtio-net-pci,netdev=nd0,bus=br0,addr=0x1f,mac=52:54:00:71:00:02",
+        "virtio-net-pci,netdev=nd0,bus=br1,addr=0x14,mac=52:54:00:71:00:02",
     ]  # fmt: skip
     common = "console=ttyS0 qlink.ifprefix=swp"
     with guests(

@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -25,7 +27,8 @@ pytestmark = pytest.mark.qemu
 StartDaemon = Callable[..., Qlinkd]
 
 # Fast policies for tests; the defaults are for labs.
-FAST = ("--backoff-initial", "0.2", "--backoff-attempts", "3", "--powerdown-timeout", "0")
+FAST = ("--backoff-initial", "0.2", "--backoff-attempts", "3", "--powerdown-timeout", "0",
+        "--unplug-timeout", "1")  # fmt: skip
 
 
 def paused_lab(
@@ -328,19 +331,25 @@ def test_unknown_node_is_bad_usage(qlinkd: StartDaemon) -> None:
     assert "no node 'nope'" in result.stderr
 
 
-def link_states(daemon: Qlinkd, node: str) -> dict[str, bool]:
-    """The last carrier qlinkd gave each of the node's netdevs (QMP set_link succeeded).
+def link_states(daemon: Qlinkd, node: str) -> defaultdict[str, bool]:
+    """The carrier of each of the node's netdevs, from the commands qlinkd issued: a QEMU
+    starts with every link up (`qemu_spawned`), and qlinkd sends set_link (`carrier_set`)
+    only to change one.
 
     QEMU 7.2 reports a netdev's link state nowhere over QMP (not even in `info network`), so
     this tier checks the commands qlinkd issued; the guest tier checks what guests see.
     """
-    states: dict[str, bool] = {}
+    states: defaultdict[str, bool] = defaultdict(lambda: True)
     for line in daemon.log().splitlines():
-        if '"carrier_' not in line:
+        if '"carrier_' not in line and '"qemu_spawned"' not in line:
             continue
         event = json.loads(line)
         assert event["event"] != "carrier_not_set", event
-        if event["node"] == node:
+        if event.get("node") != node:
+            continue
+        if event["event"] == "qemu_spawned":
+            states.clear()
+        else:
             states[event["interface"]] = event["up"]
     return states
 
@@ -350,7 +359,14 @@ def test_link_down_cuts_both_ends_and_is_remembered(
 ) -> None:
     daemon = qlinkd(*FAST)
     daemon.ctl_ok("up", str(paused_lab(short_root, guest_files)))
-    wait_until(lambda: link_states(daemon, "a") == {"eth1": True, "eth3": True}, 10, "carrier")
+    # A node that ran before its peers lost carrier towards them, and got it back when they
+    # ran: what `link` does next is then the last word on each end.
+    ends = {"a": ("eth1", "eth3"), "b": ("eth1", "eth2"), "c": ("eth2", "eth3")}
+    wait_until(
+        lambda: all(link_states(daemon, n)[i] for n, ifs in ends.items() for i in ifs),
+        10,
+        "carrier on every end",
+    )
     daemon.ctl_ok("link", "down", "b:eth1")
     assert link_states(daemon, "a")["eth1"] is False
     assert link_states(daemon, "b")["eth1"] is False
@@ -386,6 +402,15 @@ def test_carrier_follows_the_peer(
     assert link_states(daemon, "c")["eth2"] is True
 
 
+def qmp_json(daemon: Qlinkd, node: str, command: str, *arguments: str) -> Any:
+    """A QMP command's result through `qlinkctl qmp`, which prints strings bare."""
+    output = daemon.ctl_ok("qmp", node, command, *arguments).strip()
+    try:
+        return json.loads(output)
+    except json.JSONDecodeError:
+        return output
+
+
 def test_live_edit_restarts_only_what_changed(
     qlinkd: StartDaemon, short_root: Path, guest_files: GuestFiles
 ) -> None:
@@ -394,7 +419,8 @@ def test_live_edit_restarts_only_what_changed(
     daemon.ctl_ok("up", str(lab))
     before = pids(daemon)
     ports_before = {key: row["ports"] for key, row in daemon.status().items()}
-    # Add node d with a link to c, and give a more memory: c and a change, b does not.
+    # Add node d with a link to c, and give a more memory: a restarts, c gets a NIC plugged
+    # in without a restart, b is untouched.
     lab.write_text(
         lab.read_text()
         .replace("  c: {}", "  c: {}\n  d: {}")
@@ -404,22 +430,41 @@ def test_live_edit_restarts_only_what_changed(
     dry = daemon.ctl_ok("up", "--dry-run", str(lab))
     assert "start d: new node" in dry
     assert "restart a: command line changed: - -m 64M; + -m 96M" in dry
-    assert "restart c: command line changed: + -netdev socket,id=net-eth4" in dry
+    assert "replug c: plug eth4 (to d:eth4)" in dry
     assert pids(daemon) == before  # a dry run touches nothing
     daemon.ctl_ok("up", str(lab))
     after = pids(daemon)
     assert after["t/b"] == before["t/b"]
     assert after["t/a"] != before["t/a"]
-    assert after["t/c"] != before["t/c"]
+    assert after["t/c"] == before["t/c"]
     assert daemon.status()["t/d"]["state"] == "running"
     ports_after = {key: row["ports"] for key, row in daemon.status().items()}
     for key, ports in ports_before.items():
         for interface, port in ports.items():
             assert ports_after[key][interface] == port  # untouched links keep their ports
-    # Removing d again stops just d, and c (which loses its link) restarts.
+    # The plugged NIC is the one c's new command line makes: same MAC, same PCI place.
+    planned = json.loads(daemon.ctl_ok("plan", str(lab), "-o", "json"))["nodes"]["c"]["nics"]
+    eth4 = next(nic for nic in planned if nic["interface"] == "eth4")
+    nic_path = "path=/machine/peripheral/nic-eth4"
+    assert qmp_json(daemon, "c", "qom-get", nic_path, "property=mac") == eth4["mac"]
+    assert qmp_json(daemon, "c", "qom-get", nic_path, "property=addr") == (
+        int(eth4["pci"]["addr"], 16) << 3
+    )
+    bus = eth4["pci"]["bus"]
+    assert qmp_json(daemon, "c", "qom-get", nic_path, "property=parent_bus") == (
+        f"/machine/peripheral/{bus}/{bus}"
+    )
+    assert link_states(daemon, "c")["eth4"] is True  # d runs
+
+    # Removing d stops just d; c's guest (paused: it never answers the unplug request)
+    # keeps the NIC, so after the unplug timeout c restarts without it.
     lab.write_text(lab.read_text().replace("  d: {}\n", "").replace("  - [c:eth4, d:eth4]\n", ""))
+    dry = daemon.ctl_ok("up", "--dry-run", str(lab))
+    assert "replug c: unplug eth4 (to d:eth4)" in dry
     daemon.ctl_ok("up", str(lab))
     final = pids(daemon)
     assert "t/d" not in final
     assert final["t/b"] == before["t/b"]
     assert final["t/a"] == after["t/a"]
+    assert final["t/c"] != after["t/c"]
+    assert "net-eth4" not in " ".join(cmdline_of(final["t/c"]))

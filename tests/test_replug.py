@@ -1,0 +1,71 @@
+"""Which edits a running node takes by NIC hotplug, and which need a restart."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qlink.plan.allocations import Allocations
+from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
+from qlink.plan.lab import LabPlan, plan_lab
+from qlink.plan.replug import nic_replug
+from qlink.topology import Lab
+from tests.test_plan import LAYOUT, link, make_lab
+
+HOST = HostFacts()
+SPINE_LEAF = [link("spine:swp1", "leaf1:swp51"), link("spine:swp2", "leaf2:swp51")]
+
+
+def planned(lab: Lab, allocations: Allocations | None = None) -> tuple[LabPlan, Allocations]:
+    return plan_lab(lab, LAYOUT, allocations or Allocations())
+
+
+def test_a_new_link_is_plugged_into_the_running_node() -> None:
+    before, allocations = planned(make_lab("l", SPINE_LEAF))
+    after, _ = planned(make_lab("l", [*SPINE_LEAF, link("spine:swp3", "leaf3:swp51")]), allocations)
+    replug = nic_replug(before.nodes["spine"], after.nodes["spine"], HOST)
+    assert replug is not None
+    assert replug.unplug == ()
+    assert [nic.interface for nic in replug.plug] == ["swp3"]
+    assert replug.describe() == "plug swp3 (to leaf3:swp51)"
+    # What gets plugged is what the new command line holds, option for option.
+    nic = replug.plug[0]
+    argv = build_argv(after.nodes["spine"], HOST)
+    netdev = nic_netdev_options(nic)
+    assert f"socket,id={netdev['id']},udp={netdev['udp']},localaddr={netdev['localaddr']}" in argv
+    device = nic_device_options(after.nodes["spine"], nic)
+    assert device["bus"] == "qlink-br0"
+    assert device["addr"] == "0x4"
+    # The other nodes are untouched: nothing to replug.
+    assert nic_replug(before.nodes["leaf1"], after.nodes["leaf1"], HOST) is None
+
+
+def test_a_removed_link_is_unplugged_and_a_recabled_one_swapped() -> None:
+    before, allocations = planned(make_lab("l", SPINE_LEAF))
+    recabled = [link("spine:swp1", "leaf1:swp51"), link("spine:swp2", "leaf1:swp52")]
+    after, _ = planned(make_lab("l", recabled, nodes=["spine", "leaf1"]), allocations)
+    replug = nic_replug(before.nodes["spine"], after.nodes["spine"], HOST)
+    assert replug is not None
+    assert replug.describe() == "unplug swp2 (to leaf2:swp51), plug swp2 (to leaf1:swp52)"
+    removed, _ = planned(make_lab("l", SPINE_LEAF[:1]), allocations)
+    replug = nic_replug(before.nodes["spine"], removed.nodes["spine"], HOST)
+    assert replug is not None
+    assert [nic.interface for nic in replug.unplug] == ["swp2"]
+    assert replug.plug == ()
+
+
+def test_anything_else_changed_means_a_restart() -> None:
+    before, allocations = planned(make_lab("l", SPINE_LEAF))
+    after, _ = planned(make_lab("l", [*SPINE_LEAF, link("spine:swp3", "leaf3:swp51")]), allocations)
+    spine = after.nodes["spine"]
+    bigger = dataclasses.replace(spine, node=spine.node.model_copy(update={"memory": 512}))
+    assert nic_replug(before.nodes["spine"], bigger, HOST) is None
+
+
+def test_a_link_that_needs_a_new_bridge_means_a_restart() -> None:
+    before, allocations = planned(make_lab("l", SPINE_LEAF))
+    after, _ = planned(
+        make_lab("l", [*SPINE_LEAF, link("spine:swp40", "leaf3:swp51")]), allocations
+    )
+    assert before.nodes["spine"].bridges == 1
+    assert after.nodes["spine"].bridges == 2
+    assert nic_replug(before.nodes["spine"], after.nodes["spine"], HOST) is None
