@@ -226,10 +226,16 @@ def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     print(table(["LAB", "NODE", "STATE", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"], rows))
 
 
+def json_rows(rows: list[dict[str, Any]]) -> str:
+    """A JSON array with one row per line: greppable, and fast (C encoder, no `indent`),
+    which counts for `status` of a big lab."""
+    return "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]" if rows else "[]"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     nodes = _client(args).get("/status")["nodes"]
     if args.output == "json":
-        print(json.dumps(nodes, indent=2))
+        print(json_rows(nodes))
     else:
         _print_status(nodes, args.lab)
     return EXIT_OK
@@ -238,7 +244,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_links(args: argparse.Namespace) -> int:
     links = _client(args).get("/links")["links"]
     if args.output == "json":
-        print(json.dumps(links, indent=2))
+        print(json_rows(links))
         return EXIT_OK
     rows = [
         [link["lab"], link["a"]["endpoint"], str(link["a"]["port"]), link["a"]["mac"],

@@ -15,20 +15,26 @@ from qlink.plan.allocations import Allocations
 from qlink.plan.paths import Layout
 
 
-def write_atomically(path: Path, content: str, mode: int = 0o644) -> None:
-    """Replace `path` with `content` so that a crash leaves the old or the new file, whole."""
+def write_atomically(path: Path, content: str, mode: int = 0o644, *, durable: bool = True) -> None:
+    """Replace `path` with `content` so that a crash leaves the old or the new file, whole.
+
+    `durable` adds the fsyncs that make it survive a power loss too (a few ms each).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
             handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    if not durable:
+        return
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(directory)
@@ -36,8 +42,8 @@ def write_atomically(path: Path, content: str, mode: int = 0o644) -> None:
         os.close(directory)
 
 
-def write_json(path: Path, document: Any) -> None:
-    write_atomically(path, json.dumps(document, indent=2, sort_keys=True) + "\n")
+def write_json(path: Path, document: Any, *, durable: bool = True) -> None:
+    write_atomically(path, json.dumps(document, indent=2, sort_keys=True) + "\n", durable=durable)
 
 
 def load_allocations(layout: Layout) -> Allocations:
