@@ -7,6 +7,7 @@ rest), and is the only place that turns errors into messages, hints and exit cod
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -449,6 +450,12 @@ def cmd_link(args: argparse.Namespace) -> int:
 
 
 # --- parsing and the error boundary -------------------------------------------------------
+
+
+# argparse passes each of its messages through gettext, which searches the disk for a
+# catalogue on every call: some 50 searches, 9 ms, per command. The answer cannot change within
+# one process, so argparse gets a gettext that asks once per message.
+argparse._ = functools.cache(argparse._)  # type: ignore[attr-defined]
 
 
 class _Parser(argparse.ArgumentParser):
