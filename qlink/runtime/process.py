@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import errno
+import functools
 import json
 import os
 import signal
@@ -251,8 +252,12 @@ class ProcStat:
         return self.start_ticks / CLOCK_TICKS + self.boot_time
 
 
+@functools.cache
 def _boot_time() -> float:
-    """When the kernel booted, in seconds since the epoch (`btime` in /proc/stat)."""
+    """When the kernel booted, in seconds since the epoch (`btime` in /proc/stat).
+
+    Read once: it does not change, and /proc/stat (every CPU's and IRQ's counters) takes
+    1-2 ms to produce on a busy host, once per launch otherwise."""
     with open("/proc/stat", "rb") as stat:
         for line in stat:
             if line.startswith(b"btime "):
