@@ -392,7 +392,7 @@ class Daemon(Hooks):
                 yield summary
                 yield {"event": "done", "lab": lab.name, "failed": {}, "dry_run": True}
                 return
-            self._preflight([plan.nodes[name] for name in change.start])
+            self._preflight([plan.nodes[name] for name in change.start], change.replug)
             save_allocations(self.layout, allocations)
             if runtime is None:
                 runtime = LabRuntime(LabRecord(lab=lab), plan)
@@ -459,8 +459,10 @@ class Daemon(Hooks):
                 change.start[name] = f"was {supervisor.status.state.value}"
         return change
 
-    def _preflight(self, nodes: list[NodePlan]) -> None:
-        """Every port of every node about to start is free, or nothing starts."""
+    def _preflight(self, nodes: list[NodePlan], replugs: dict[str, NicReplug]) -> None:
+        """Every port of every node about to start, and of every NIC about to be plugged into
+        a running node, is free, or nothing changes: a plug that failed on a taken port would
+        leave that node to a restart that fails the same way."""
         for plan in nodes:
             try:
                 self.check_ports(plan)
@@ -471,6 +473,19 @@ class Daemon(Hooks):
                 ) from error
             except HostError as error:
                 raise ControlError(f"cannot start {plan.lab}/{plan.name}: {error}", 409) from error
+        for name, replug in replugs.items():
+            # A recabled NIC keeps its port, which the running QEMU holds until the unplug.
+            held = {nic.local_port for nic in replug.unplug}
+            for nic in replug.plug:
+                if nic.local_port in held:
+                    continue
+                try:
+                    check_udp_ports_free(nic.local_address, [nic.local_port])
+                except PortInUseError as error:
+                    raise ControlError(
+                        f"cannot plug {name}:{nic.interface}: {error}; nothing was changed",
+                        status=409,
+                    ) from error
 
     async def _progress(
         self,

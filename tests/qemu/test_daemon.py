@@ -315,6 +315,33 @@ def test_bad_file_on_a_running_lab_changes_nothing(
     assert pids(daemon) == before
 
 
+def test_a_link_whose_port_is_taken_is_refused_before_anything_is_plugged(
+    qlinkd: StartDaemon, short_root: Path, guest_files: GuestFiles
+) -> None:
+    daemon = qlinkd(*FAST)
+    lab = paused_lab(short_root, guest_files)
+    daemon.ctl_ok("up", str(lab))
+    before = pids(daemon)
+    lab.write_text(
+        lab.read_text().replace(
+            "  - [a:eth1, b:eth1]",
+            "  - [a:eth1, b:eth1]\n  - endpoints: [a:eth5, c:eth5]\n    ports: [28911, 28912]",
+        )
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", 28912))
+        result = daemon.ctl("up", str(lab))
+    assert result.returncode == 1
+    assert "cannot plug c:eth5: UDP 127.0.0.1:28912 is already bound" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert pids(daemon) == before
+    for node in ("a", "c"):
+        devices = daemon.ctl_ok("qmp", node, "qom-list", "path=/machine/peripheral")
+        assert '"nic-eth1"' in devices or '"nic-eth2"' in devices  # the listing is real
+        assert '"nic-eth5"' not in devices
+    assert len(json.loads(daemon.ctl_ok("links", "-o", "json"))) == 3
+
+
 def test_unreachable_daemon_exits_3(short_root: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "qlink.cli", "--root", str(short_root), "status"],
