@@ -448,7 +448,11 @@ class Daemon(Hooks):
             operator_stopped = name in runtime.record.stopped
             if supervisor.argv != argvs[name]:
                 why = "command line changed: " + _argv_difference(supervisor.argv, argvs[name])
-                replug = None if idle else nic_replug(supervisor.plan, plan.nodes[name], self.host)
+                replug = (
+                    None
+                    if idle
+                    else nic_replug(supervisor.plan, supervisor.argv, plan.nodes[name], self.host)
+                )
                 if replug is not None:
                     change.replug[name] = replug
                 elif not idle:

@@ -6,8 +6,8 @@ import dataclasses
 
 from qlink.plan.allocations import Allocations
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
-from qlink.plan.lab import LabPlan, plan_lab
-from qlink.plan.replug import nic_replug
+from qlink.plan.lab import LabPlan, NodePlan, plan_lab
+from qlink.plan.replug import NicReplug, nic_replug
 from qlink.topology import Lab
 from tests.test_plan import LAYOUT, link, make_lab
 
@@ -19,10 +19,15 @@ def planned(lab: Lab, allocations: Allocations | None = None) -> tuple[LabPlan, 
     return plan_lab(lab, LAYOUT, allocations or Allocations())
 
 
+def replug_of(running: LabPlan, node: str, wanted: NodePlan) -> NicReplug | None:
+    """`nic_replug` for `node` of the lab `running`, its QEMU running the planned argv."""
+    return nic_replug(running.nodes[node], build_argv(running.nodes[node], HOST), wanted, HOST)
+
+
 def test_a_new_link_is_plugged_into_the_running_node() -> None:
     before, allocations = planned(make_lab("l", SPINE_LEAF))
     after, _ = planned(make_lab("l", [*SPINE_LEAF, link("spine:swp3", "leaf3:swp51")]), allocations)
-    replug = nic_replug(before.nodes["spine"], after.nodes["spine"], HOST)
+    replug = replug_of(before, "spine", after.nodes["spine"])
     assert replug is not None
     assert replug.unplug == ()
     assert [nic.interface for nic in replug.plug] == ["swp3"]
@@ -36,18 +41,18 @@ def test_a_new_link_is_plugged_into_the_running_node() -> None:
     assert device["bus"] == "qlink-br0"
     assert device["addr"] == "0x4"
     # The other nodes are untouched: nothing to replug.
-    assert nic_replug(before.nodes["leaf1"], after.nodes["leaf1"], HOST) is None
+    assert replug_of(before, "leaf1", after.nodes["leaf1"]) is None
 
 
 def test_a_removed_link_is_unplugged_and_a_recabled_one_swapped() -> None:
     before, allocations = planned(make_lab("l", SPINE_LEAF))
     recabled = [link("spine:swp1", "leaf1:swp51"), link("spine:swp2", "leaf1:swp52")]
     after, _ = planned(make_lab("l", recabled, nodes=["spine", "leaf1"]), allocations)
-    replug = nic_replug(before.nodes["spine"], after.nodes["spine"], HOST)
+    replug = replug_of(before, "spine", after.nodes["spine"])
     assert replug is not None
     assert replug.describe() == "unplug swp2 (to leaf2:swp51), plug swp2 (to leaf1:swp52)"
     removed, _ = planned(make_lab("l", SPINE_LEAF[:1]), allocations)
-    replug = nic_replug(before.nodes["spine"], removed.nodes["spine"], HOST)
+    replug = replug_of(before, "spine", removed.nodes["spine"])
     assert replug is not None
     assert [nic.interface for nic in replug.unplug] == ["swp2"]
     assert replug.plug == ()
@@ -58,7 +63,7 @@ def test_anything_else_changed_means_a_restart() -> None:
     after, _ = planned(make_lab("l", [*SPINE_LEAF, link("spine:swp3", "leaf3:swp51")]), allocations)
     spine = after.nodes["spine"]
     bigger = dataclasses.replace(spine, node=spine.node.model_copy(update={"memory": 512}))
-    assert nic_replug(before.nodes["spine"], bigger, HOST) is None
+    assert replug_of(before, "spine", bigger) is None
 
 
 def test_a_link_that_needs_a_new_bridge_means_a_restart() -> None:
@@ -68,4 +73,4 @@ def test_a_link_that_needs_a_new_bridge_means_a_restart() -> None:
     )
     assert before.nodes["spine"].bridges == 1
     assert after.nodes["spine"].bridges == 2
-    assert nic_replug(before.nodes["spine"], after.nodes["spine"], HOST) is None
+    assert replug_of(before, "spine", after.nodes["spine"]) is None

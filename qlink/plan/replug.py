@@ -29,9 +29,12 @@ class NicReplug:
         return ", ".join(parts)
 
 
-def nic_replug(running: NodePlan, wanted: NodePlan, host: HostFacts) -> NicReplug | None:
-    """How to turn the node `running` into `wanted` by NIC hotplug; None when it cannot be
-    (anything else changed, or the PCI bridges needed did) or when there is nothing to do."""
+def nic_replug(
+    running: NodePlan, running_argv: list[str], wanted: NodePlan, host: HostFacts
+) -> NicReplug | None:
+    """How to turn the node `running` (whose QEMU runs `running_argv`) into `wanted` by NIC
+    hotplug; None when it cannot be (anything else changed, or the PCI bridges needed did)
+    or when there is nothing to do."""
     running_nics = {nic.interface: nic for nic in running.nics}
     wanted_nics = {nic.interface: nic for nic in wanted.nics}
     unplug = tuple(nic for nic in running.nics if wanted_nics.get(nic.interface) != nic)
@@ -41,6 +44,6 @@ def nic_replug(running: NodePlan, wanted: NodePlan, host: HostFacts) -> NicReplu
     # Everything but the data NICs must be what the running QEMU has: the wanted node with the
     # running NICs must give the running command line, bridges included.
     with_running_nics = dataclasses.replace(wanted, nics=running.nics)
-    if build_argv(with_running_nics, host) != build_argv(running, host):
+    if build_argv(with_running_nics, host) != running_argv:
         return None
     return NicReplug(unplug, plug)

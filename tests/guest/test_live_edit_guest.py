@@ -284,7 +284,7 @@ async def test_live_edit_adds_then_removes_a_leaf(clos: ClosLab) -> None:
     assert clos.running_pids() == before, "the dry run changed what runs"
     assert LEAF5 not in clos.status()
 
-    await _add_leaf5(clos, edited, before, argv_before)
+    pids_with_leaf5 = await _add_leaf5(clos, edited, before, argv_before)
 
     # Back to the original file: leaf5 goes, and swp5 is unplugged from the spines.
     planned = await asyncio.to_thread(dry_run, clos, CONFIG)
@@ -292,7 +292,7 @@ async def test_live_edit_adds_then_removes_a_leaf(clos: ClosLab) -> None:
         "remove": {LEAF5: "not in the file any more"},
         "replug": {spine: f"unplug swp5 (to {LEAF5}:swp5{spine[-1]})" for spine in SPINES},
     }, planned
-    await _remove_leaf5(clos, before, argv_before)
+    await _remove_leaf5(clos, pids_with_leaf5, argv_before)
 
 
 async def spine_ports(consoles: Mapping[str, GuestConsole]) -> dict[str, list[str]]:
@@ -306,8 +306,9 @@ async def spine_ports(consoles: Mapping[str, GuestConsole]) -> dict[str, list[st
 
 async def _add_leaf5(
     clos: ClosLab, edited: Path, before: dict[str, int], argv_before: dict[str, list[str]]
-) -> None:
-    """`up` the edited file; check leaf5 joined the fabric and nobody else was touched."""
+) -> dict[str, int]:
+    """`up` the edited file; check leaf5 joined the fabric and nobody else was touched.
+    Returns the PIDs after, leaf5's included."""
     async with clos.consoles(*LEAVES) as leaves, recording_uplinks(leaves) as recording:
         started = time.monotonic()
         await asyncio.to_thread(clos.daemon.ctl_ok, "up", str(edited), timeout=UP_TIMEOUT)
@@ -345,10 +346,11 @@ async def _add_leaf5(
     for leaf in LEAVES:
         for port in UPLINKS:
             assert recording.transitions(leaf, port) == [0, 0], recording.seen(leaf)
+    return after
 
 
 async def _remove_leaf5(
-    clos: ClosLab, before: dict[str, int], argv_before: dict[str, list[str]]
+    clos: ClosLab, with_leaf5: dict[str, int], argv_before: dict[str, list[str]]
 ) -> None:
     """`up` the original file: leaf5 stops, swp5 leaves the running spines."""
     async with clos.consoles(*LEAVES) as leaves, recording_uplinks(leaves) as recording:
@@ -359,9 +361,9 @@ async def _remove_leaf5(
         clos.load_plan(CONFIG)
     assert LEAF5 not in clos.status()
     after = clos.running_pids()
-    assert gone(before.get(LEAF5, 0)) or LEAF5 not in before
+    assert gone(with_leaf5[LEAF5]), f"leaf5's QEMU (pid {with_leaf5[LEAF5]}) still runs"
     assert {process.pid for process in qemu_under(clos.root)} == set(after.values())
-    assert_kept(before, after, NODES)
+    assert_kept(with_leaf5, after, NODES)
     for spine in SPINES:
         assert cmdline_of(after[spine]) == argv_before[spine]
     assert cabling(clos) == cables_of(LINKS)
