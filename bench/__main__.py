@@ -59,6 +59,16 @@ def describe_machine() -> Machine:
     )
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of sizes: {text!r}") from None
+    if any(size < 2 for size in sizes):
+        raise argparse.ArgumentTypeError("a lab has at least 2 VMs (a spine and a leaf)")
+    return sizes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the laptop-sized run")
@@ -70,6 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--plot", type=Path, help="the plot (bench/bringup.png; --quick: bench/quick-bringup.png)"
     )
     parser.add_argument("--runs", type=int, help="runs per bring-up size")
+    parser.add_argument(
+        "--sizes", type=_sizes, metavar="N,N...", help="the bring-up lab sizes (a profiling run)"
+    )
     parser.add_argument("--cpu-window", type=float, metavar="SECONDS", help="idle CPU window")
     parser.add_argument("--port-base", type=int, help="first UDP port of the generated labs")
     parser.add_argument("--keep-root", action="store_true", help="keep the root (logs) at the end")
@@ -83,6 +96,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         changes["guest"] = True
     if args.runs is not None:
         changes["runs"] = args.runs
+    if args.sizes is not None:
+        changes["sizes"] = args.sizes
     if args.cpu_window is not None:
         changes["cpu_window"] = args.cpu_window
     if args.port_base is not None:

@@ -52,8 +52,18 @@ class BringupPoint:
     loads: list[float] = field(default_factory=list)
 
     @property
+    def ratios(self) -> Samples:
+        """qlink over bare, run by run. The two sides of a run go back to back, so a machine
+        that slows down or speeds up between runs (other tenants, a load average decaying after
+        the bigger sizes) moves both alike; a ratio of two medians would mix runs that saw
+        different machines."""
+        # Not strict: a qlink side that failed stops, the bare side still gives its figures.
+        pairs = zip(self.qlink.values, self.bare.values, strict=False)
+        return Samples([qlink / bare for qlink, bare in pairs])
+
+    @property
     def ratio(self) -> float:
-        return self.qlink.median / self.bare.median
+        return self.ratios.median
 
 
 @dataclass

@@ -47,9 +47,10 @@ from bench.results import (
     Results,
 )
 from bench.topology import BenchLab, chunked, labs_for
+from qlink.supervisor import Liveness
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_LIVENESS = 5.0
+DEFAULT_LIVENESS = Liveness().interval  # what qlinkd runs with when not told
 QUIET_LIVENESS = 3600.0
 # qlinkd's stop ladder starts with an ACPI power-down, which a VM paused by -S never sees:
 # teardown would wait the full power-down timeout. The benchmark goes straight to `quit`.
@@ -87,7 +88,7 @@ class Settings:
     @classmethod
     def full(cls, kernel: Path) -> Settings:
         return cls(
-            mode="full", sizes=(20, 50, 100, 200), runs=5, restart_nodes=100, restart_runs=5,
+            mode="full", sizes=(20, 50, 100, 200), runs=7, restart_nodes=100, restart_runs=5,
             idle_nodes=200, cpu_window=60.0, settle=5.0, status_runs=20, fixed_runs=10,
             quiet_liveness=True, guest=True, guest_runs=2, memory=32, kernel=kernel,
             guest_config=REPO / "configs" / "clos.yaml", port_base=28000,

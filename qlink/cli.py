@@ -21,7 +21,7 @@ from qlink.plan.paths import Layout
 
 # Every command pays for this module's imports before it starts: the daemon verbs (status,
 # start, stop ...) need only the client, so whatever else a verb needs is imported by that
-# verb: the planning stack (pydantic, ruamel.yaml) by `validate` and `plan`, aiohttp by
+# verb: the planning stack (pydantic, PyYAML) by `validate` and `plan`, aiohttp by
 # `console`, subprocess by `graph`, shlex by `plan`. tests/test_client.py checks that the
 # daemon verbs' imports stay this way. Annotations are never evaluated (`__future__`), so
 # what only they name is imported for the type checker alone, `typing` included (~6 ms).

@@ -86,14 +86,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--root", help="keep everything under DIR (default /var/lib/qlink and /run/qlink)"
     )
     parser.add_argument("--log-format", choices=("auto", "json", "text"), default="auto")
-    parser.add_argument("--backoff-initial", type=float, default=1.0, metavar="SECONDS")
-    parser.add_argument("--backoff-attempts", type=int, default=5, metavar="N")
-    parser.add_argument("--liveness-interval", type=float, default=30.0, metavar="SECONDS")
-    parser.add_argument("--powerdown-timeout", type=float, default=30.0, metavar="SECONDS")
+    # The defaults are the settings' own, so that there is one place to change them.
+    backoff, liveness, settings = Backoff(), Liveness(), SupervisorSettings()
+    parser.add_argument("--backoff-initial", type=float, default=backoff.initial, metavar="SECONDS")
+    parser.add_argument("--backoff-attempts", type=int, default=backoff.attempts, metavar="N")
     parser.add_argument(
-        "--unplug-timeout", type=float, default=10.0, metavar="SECONDS",
+        "--liveness-interval", type=float, default=liveness.interval, metavar="SECONDS",
+        help=f"how often each VM's QMP is asked `query-status` (default {liveness.interval:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--powerdown-timeout", type=float, default=settings.stop_timeouts.powerdown,
+        metavar="SECONDS",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unplug-timeout", type=float, default=settings.unplug_timeout, metavar="SECONDS",
         help="how long a guest gets to release the NIC of a removed link before its node "
-        "is restarted instead (default 10)",
+        f"is restarted instead (default {settings.unplug_timeout:g})",
     )  # fmt: skip
     return parser.parse_args(argv)
 

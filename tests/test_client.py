@@ -387,7 +387,7 @@ def test_status_prints_what_the_daemon_sent(root: Path, capsys: pytest.CaptureFi
 
 # The planning stack, the console's client, psutil; and from the standard library what costs
 # milliseconds that `status` has no use for.
-HEAVY = ("pydantic", "ruamel", "structlog", "aiohttp", "psutil", "http.client", "email",
+HEAVY = ("pydantic", "yaml", "structlog", "aiohttp", "psutil", "http.client", "email",
          "subprocess", "typing", "dataclasses", "inspect")  # fmt: skip
 
 

@@ -179,6 +179,50 @@ def test_duplicate_node_key_is_an_error_not_an_override() -> None:
     assert "not valid YAML" in issue.message
 
 
+def test_duplicate_key_names_both_lines() -> None:
+    issue = only_issue(GOOD.replace("  leaf2:\n", "  leaf1: {}\n"))
+    assert "duplicate key 'leaf1' (first on line 8)" in issue.message
+
+
+def test_yaml_1_2_core_schema_not_1_1() -> None:
+    """`on`, `no`, `yes` are names, a date-like lab name is a name and `0256` is decimal: what
+    YAML 1.1 (PyYAML's own resolvers) would turn into booleans, a date and octal 174."""
+    text = textwrap.dedent("""\
+        name: 2024-01-01
+        defaults: {kernel: /boot/vmlinuz, memory: 0256, cpus: 0x2}
+        nodes: {on: {}, no: {}, yes: {}}
+        links:
+          - [on:eth1, no:eth1]
+          - [no:eth2, yes:eth1]
+    """)
+    lab = parse_topology_text(text, "lab.yaml")
+    assert lab.name == "2024-01-01"
+    assert sorted(lab.nodes) == ["no", "on", "yes"]
+    assert (lab.nodes["on"].memory, lab.nodes["on"].cpus) == (256, 2)
+
+
+def test_merge_keys_share_settings_and_own_keys_win() -> None:
+    text = textwrap.dedent("""\
+        name: lab1
+        nodes:
+          spine1: &switch {kernel: /boot/vmlinuz, memory: 512}
+          spine2: {<<: *switch, memory: 1024}
+          leaf1:
+            <<: *switch
+            cpu: 2
+        links: []
+    """)
+    issue = only_issue(text)
+    assert (issue.line, issue.field) == (7, "nodes.leaf1.cpu")  # the merged node is located
+    lab = parse_topology_text(text.replace("cpu: 2", "cpus: 2"), "lab.yaml")
+    assert [lab.nodes[name].memory for name in ("spine1", "spine2", "leaf1")] == [512, 1024, 512]
+
+
+def test_a_character_yaml_forbids_is_a_config_error() -> None:
+    issue = only_issue("name: lab1\x00\n")
+    assert "not valid YAML" in issue.message
+
+
 def test_not_yaml_at_all() -> None:
     issue = only_issue("name: [unclosed\n")
     assert issue.line is not None
