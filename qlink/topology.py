@@ -326,28 +326,34 @@ def _construct_int(loader: _TopologyLoader, node: yaml.ScalarNode) -> int:
     return int(text, 10)  # a leading zero is decimal in YAML 1.2
 
 
+def _key(loader: _TopologyLoader, key_node: yaml.Node) -> Any:
+    key = loader.construct_object(key_node, deep=True)
+    try:
+        hash(key)
+    except TypeError as error:
+        raise yaml.constructor.ConstructorError(
+            None, None, "a mapping key must be a plain value", key_node.start_mark
+        ) from error
+    return key
+
+
 def _construct_mapping(loader: _TopologyLoader, node: yaml.MappingNode) -> _Mapping:
     first_line: dict[Any, int] = {}
     for key_node, _ in node.value:
         if key_node.tag == _MERGE_TAG:
             continue
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            earlier = first_line.setdefault(key, key_node.start_mark.line + 1)
-        except TypeError as error:
+        key = _key(loader, key_node)
+        if key in first_line:
             raise yaml.constructor.ConstructorError(
-                None, None, "a mapping key must be a plain value", key_node.start_mark
-            ) from error
-        if earlier != key_node.start_mark.line + 1:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {earlier})",
+                None, None, f"duplicate key {key!r} (first on line {first_line[key]})",
                 key_node.start_mark,
             )  # fmt: skip
+        first_line[key] = key_node.start_mark.line + 1
     loader.flatten_mapping(node)  # merged keys first, so the mapping's own keys win
     mapping = _Mapping()
     mapping.lines = {}
     for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
+        key = _key(loader, key_node)
         mapping[key] = loader.construct_object(value_node, deep=True)
         mapping.lines[key] = key_node.start_mark.line + 1
     return mapping

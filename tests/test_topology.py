@@ -6,6 +6,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qlink.errors import ConfigError, ConfigIssue
 from qlink.topology import load_topology, parse_topology_text
@@ -184,6 +186,24 @@ def test_duplicate_key_names_both_lines() -> None:
     assert "duplicate key 'leaf1' (first on line 8)" in issue.message
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("name: lab1\ndefaults: {memory: 256, memory: 512}\n", 2,
+         "duplicate key 'memory' (first on line 2)"),
+        ("name: lab1\n? [a, b]\n: 1\n", 2, "a mapping key must be a plain value"),
+        ("name: lab1\ndefaults: {<<: {[a]: 1}}\n", 2, "a mapping key must be a plain value"),
+        ("name: lab1\ndefaults: {<<: 1}\n", 2, "expected a mapping or list of mappings"),
+        ("name: lab1\nnodes: " + "[" * 2000 + "]" * 2000 + "\n", 2, "nesting depth"),
+    ],
+)  # fmt: skip
+def test_yaml_that_cannot_be_a_mapping_is_located(text: str, line: int, message: str) -> None:
+    issue = only_issue(text)
+    assert issue.line == line
+    assert issue.message.startswith("not valid YAML: ")
+    assert message in issue.message
+
+
 def test_yaml_1_2_core_schema_not_1_1() -> None:
     """`on`, `no`, `yes` are names, a date-like lab name is a name and `0256` is decimal: what
     YAML 1.1 (PyYAML's own resolvers) would turn into booleans, a date and octal 174."""
@@ -262,3 +282,32 @@ def test_unreadable_file_names_itself(tmp_path: Path) -> None:
 def test_error_text_reads_file_line_field_message() -> None:
     issue = only_issue(GOOD.replace("memory: 256", "memory: 0"))
     assert str(issue) == "lab.yaml:3: defaults.memory: Input should be greater than 0"
+
+
+# YAML's own punctuation, and the pieces of a topology, so that mutations reach past the parser.
+_YAML_PIECES = st.sampled_from(
+    [":", " ", "\n", "  ", "- ", "[", "]", "{", "}", ",", "?", "&a", "*a", "<<", "!!int", "#",
+     "'", '"', "|", ">", "---", "~", "name", "nodes", "links", "defaults", "kernel", "memory",
+     "lab1", "spine1", "leaf1:swp1", "0x10", "1e3", ".inf", "on", "\t", "\x00", "[a]: 1",
+     "{[a]: 1}", "? [a]\n: 1\n", "{a: 1, a: 2}", "&m {x: 1}", "<<: *m"]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=len(GOOD)), max_size=4),
+    st.lists(st.lists(_YAML_PIECES, max_size=6).map("".join), min_size=4, max_size=4),
+)
+def test_any_text_is_a_lab_or_a_config_error(cuts: list[int], pieces: list[str]) -> None:
+    """What the daemon parses comes from a client: whatever it is, the answer is a lab or a
+    ConfigError with a message, never another exception (which would be a 500, not an error
+    that names the line)."""
+    text = GOOD
+    for cut, piece in zip(cuts, pieces, strict=False):
+        text = text[:cut] + piece + text[cut:]
+    issues: list[ConfigIssue] = []
+    try:
+        parse_topology_text(text, "lab.yaml")
+    except ConfigError as error:
+        issues = list(error.issues)
+    assert all(issue.message for issue in issues)
