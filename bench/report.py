@@ -117,13 +117,15 @@ def bringup_section(results: Results, plot: Path, output: Path) -> list[str]:
             seconds(point.qlink_up_only),
             seconds(point.bare_in_script),
             seconds(point.down),
+            f"{point.first_launch:.2f} s" if point.first_launch is not None else "-",
             loads(point.loads),
         ]
         for point in results.bringup
     ]
     headers = [
         "N", "qlink: up + status", "bare launcher", "ratio", f"≤ {BRINGUP_RATIO}x",
-        "`qlinkctl up` alone", "bare, after its imports", "`qlinkctl down`", "load (1 min)",
+        "`qlinkctl up` alone", "bare, after its imports", "`qlinkctl down`",
+        "first launch (bare, untimed)", "load (1 min)",
     ]  # fmt: skip
     lines += _table(headers, rows)
     lines += _failed(results, "bring-up") + _failed(results, "warm-up")
@@ -274,6 +276,10 @@ METHOD = """\
 - qlink and the bare launcher use the same root, argv, paths and UDP ports, one after the
   other, never at once; the runs alternate which side goes first, after one untimed warm-up
   of each. The benchmark checks that qlinkd launched exactly the argv `qlinkctl plan` printed.
+- Each size starts with one untimed launch of its VMs by the bare launcher ("first launch"):
+  on this kind of machine the first launch of N VMs runs slower than the ones after it,
+  whoever makes it (1.6 to 1.9 s more at N=200 in three runs), and it would fall on
+  whichever side went first.
 - Both sides are commands started by the benchmark (`qlinkctl`, `python -m bench.bare`) and
   pay the interpreter's start-up: see `python -c pass` under Machine. qlink's bring-up runs
   two commands (`up`, then `status`), the bare launcher one. Every command runs with Python's

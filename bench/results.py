@@ -50,6 +50,8 @@ class BringupPoint:
     bare_in_script: Samples = field(default_factory=Samples)
     down: Samples = field(default_factory=Samples)
     loads: list[float] = field(default_factory=list)
+    first_launch: float | None = None
+    """The untimed launch of the same VMs by the bare launcher before the timed runs."""
 
     @property
     def ratios(self) -> Samples:
