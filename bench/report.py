@@ -278,8 +278,9 @@ METHOD = """\
   of each. The benchmark checks that qlinkd launched exactly the argv `qlinkctl plan` printed.
 - Each size starts with one untimed launch of its VMs by the bare launcher ("first launch"):
   on this kind of machine the first launch of N VMs runs slower than the ones after it,
-  whoever makes it (at N=200, 0.9 s for the bare launcher; 1.6 to 1.9 s for qlink, in three
-  runs where it went first), and it would fall on whichever side went first.
+  whoever makes it (at N=200: 0.9 and 1.3 s for the bare launcher in two runs, 1.6 to 1.9 s
+  for qlink in three runs where it went first), and it would fall on whichever side went
+  first.
 - Both sides are commands started by the benchmark (`qlinkctl`, `python -m bench.bare`) and
   pay the interpreter's start-up: see `python -c pass` under Machine. qlink's bring-up runs
   two commands (`up`, then `status`), the bare launcher one. Every command runs with Python's
