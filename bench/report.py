@@ -276,11 +276,10 @@ METHOD = """\
 - qlink and the bare launcher use the same root, argv, paths and UDP ports, one after the
   other, never at once; the runs alternate which side goes first, after one untimed warm-up
   of each. The benchmark checks that qlinkd launched exactly the argv `qlinkctl plan` printed.
-- Each size starts with one untimed launch of its VMs by the bare launcher ("first launch"):
-  on this kind of machine the first launch of N VMs runs slower than the ones after it,
-  whoever makes it (at N=200: 0.9 and 1.3 s for the bare launcher in two runs, 1.6 to 1.9 s
-  for qlink in three runs where it went first), and it would fall on whichever side went
-  first.
+- Each size starts with one untimed launch of its VMs by the bare launcher ("first launch"
+  in the bring-up table): on this kind of machine the first launch of N VMs can run seconds
+  slower than the ones after it, whoever makes it (compare that column with the bare
+  launcher's median), and it would fall on whichever side went first.
 - Both sides are commands started by the benchmark (`qlinkctl`, `python -m bench.bare`) and
   pay the interpreter's start-up: see `python -c pass` under Machine. qlink's bring-up runs
   two commands (`up`, then `status`), the bare launcher one. Every command runs with Python's

@@ -292,9 +292,9 @@ class Bench:
         topology = self.write_lab(lab)
         plan, document = await self.plan(topology, lab.name)
         # Untimed: the first launch of N VMs runs slower than the ones after it, whoever makes
-        # it (measured at N=200: the bare launcher 0.9 and 1.3 s slower than its next runs;
-        # qlink 1.6 to 1.9 s, three times out of three when it went first), and it would land
-        # on whichever side went first.
+        # it (measured at N=200: the bare launcher 0.9, 1.3 and 3.0 s slower than its median
+        # in three runs; qlink 1.6 to 1.9 s, three times out of three when it went first), and
+        # it would land on whichever side went first.
         point.first_launch, _, _ = await self.bare_up(plan, document)
         await self.bare_down()
         progress(f"bring-up N={lab.nodes} first launch (bare, untimed): {point.first_launch:.2f} s")
