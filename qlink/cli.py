@@ -63,6 +63,14 @@ def argv_lines(argv: Sequence[str]) -> str:
     return " \\\n    ".join(lines)
 
 
+def logs_to_stderr() -> None:
+    """Whatever the planning stack logs (a host probe, say) goes to stderr: stdout is the
+    command's answer, JSON for `-o json`. Only verbs that import that stack call this."""
+    from qlink import logs
+
+    logs.configure(json=False, stream=sys.stderr)
+
+
 def host_facts_for(lab: Lab) -> HostFacts:
     """Probe the host only when a node leaves the accelerator to qlink."""
     from qlink.host import describe_host_without_qemu, find_qemu, probe_host
@@ -86,6 +94,7 @@ def host_facts_for(lab: Lab) -> HostFacts:
 def cmd_validate(args: argparse.Namespace) -> int:
     from qlink.topology import load_topology
 
+    logs_to_stderr()
     lab = load_topology(args.file, file_exists=file_exists)
     links = len(lab.links)
     print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
@@ -99,6 +108,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from qlink.state import load_allocations
     from qlink.topology import load_topology
 
+    logs_to_stderr()
     lab = load_topology(args.file)
     layout = layout_from(args.root)
     plan, _ = plan_lab(lab, layout, load_allocations(layout))
@@ -116,6 +126,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if len(names) > 1:
             print(f"{'' if index == 0 else chr(10)}# {lab.name}/{name}")
         print(argv_lines(build_argv(plan.nodes[name], host)))
+    return EXIT_OK
+
+
+def cmd_host(args: argparse.Namespace) -> int:
+    """What qlink knows of this host, and why `accel: auto` means KVM or TCG here."""
+    from qlink.host import host_report
+
+    logs_to_stderr()
+    report = host_report(refresh=args.refresh)
+    if args.output == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+        return EXIT_OK
+    facts = report.as_dict()
+    probed = "cached, probed" if report.cached else "probed just now,"
+    rows = [
+        ("qemu", f"{facts['qemu']} ({facts['qemu_version']})"),
+        ("kernel", f"{facts['kernel']} (boot {facts['boot_id']})"),
+        ("kvm", "usable" if report.kvm_usable else "not usable"),
+        ("why", report.kvm_reason),
+        ("accel: auto", f"{facts['accel_auto']}"),
+        ("probe", f"{probed} in {facts['probe_seconds']} s "
+                  f"(-machine {facts['probe_machine']} -cpu {facts['probe_cpu']})"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
     return EXIT_OK
 
 
@@ -214,7 +250,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     rows = [
         [
-            node["lab"], node["node"], node["state"], str(node["pid"] or "-"),
+            node["lab"], node["node"], node["state"], node.get("accel") or "-",
+            str(node["pid"] or "-"),
             _duration(node["uptime"]), str(node["restarts"]), node["ssh"] or "-",
             " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
         ]
@@ -224,7 +261,8 @@ def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     if not rows:
         print("no labs are up")
         return
-    print(table(["LAB", "NODE", "STATE", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"], rows))
+    headers = ["LAB", "NODE", "STATE", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"]
+    print(table(headers, rows))
 
 
 def json_rows(rows: list[dict[str, Any]]) -> str:
@@ -374,6 +412,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if source.suffix in (".yaml", ".yml") or source.is_file():
         from qlink.topology import load_topology
 
+        logs_to_stderr()
         lab = load_topology(source)
         name = lab.name
         links = [{"a": {"endpoint": str(link.endpoints[0])},
@@ -481,6 +520,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("node", nargs="?")
     plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
     plan.set_defaults(handler=cmd_plan)
+
+    host = commands.add_parser(
+        "host", help="the QEMU binary, the kernel, and whether KVM really works here"
+    )
+    host.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    host.add_argument(
+        "--refresh", action="store_true", help="probe again instead of using the cached verdict"
+    )
+    host.set_defaults(handler=cmd_host)
 
     _add_daemon_verbs(commands)
     _add_console_verbs(commands)

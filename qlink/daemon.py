@@ -634,6 +634,7 @@ class Daemon(Hooks):
                         "lab": runtime.name,
                         "node": name,
                         **supervisor.status.as_dict(),
+                        "accel": self.host.accel_for(plan.node.accel),
                         "ports": {nic.interface: nic.local_port for nic in plan.nics},
                         "ssh": (
                             f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}"

@@ -53,7 +53,8 @@ class RootLock:
 
 async def run_daemon(layout: Layout, settings: SupervisorSettings) -> None:
     RootLock(layout.daemon_lock).acquire()
-    host = probe_host()
+    # A first probe runs QEMU (~0.1 s, up to its timeout on a broken KVM): not on the loop.
+    host = await asyncio.to_thread(probe_host)
     daemon = Daemon(layout, host, settings)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -26,7 +26,6 @@ def pair_lab(root: Path, guest: GuestFiles) -> Path:
         name: pair
         defaults:
           memory: 256
-          accel: tcg
           kernel: {guest.kernel}
           initrd: {guest.initrd}
         nodes:

@@ -83,7 +83,8 @@ def test_up_status_links_down(
 ) -> None:
     daemon = qlinkd(*FAST)
     lab = paused_lab(short_root, guest_files)
-    daemon.ctl_ok("up", str(lab))
+    # Every verb with -o json prints JSON and nothing else on stdout.
+    assert json.loads(daemon.ctl_ok("up", str(lab), "-o", "json"))["failed"] == {}
     status = daemon.status()
     assert {key: row["state"] for key, row in status.items()} == {
         "t/a": "running", "t/b": "running", "t/c": "running",
@@ -100,13 +101,14 @@ def test_up_status_links_down(
         "LAB",
         "NODE",
         "STATE",
+        "ACCEL",
         "PID",
         "UPTIME",
         "RESTARTS",
         "SSH",
         "PORTS",
     ]
-    daemon.ctl_ok("down", "t")
+    assert json.loads(daemon.ctl_ok("down", "t", "-o", "json"))["failed"] == {}
     assert daemon.status() == {}
     for row in status.values():
         assert not psutil.pid_exists(row["pid"]) or psutil.Process(row["pid"]).status() == "zombie"
