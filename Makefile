@@ -16,9 +16,9 @@ test-fast:
 	$(PYTHON) -m pytest -q --ignore=tests/qemu --ignore=tests/guest
 
 lint:
-	$(PYTHON) -m ruff check qlink tests bench
-	$(PYTHON) -m ruff format --check qlink tests bench
-	$(PYTHON) -m mypy --strict qlink tests bench
+	$(PYTHON) -m ruff check qlink labdriver tests bench
+	$(PYTHON) -m ruff format --check qlink labdriver tests bench
+	$(PYTHON) -m mypy --strict qlink labdriver tests bench
 
 # Regenerate the golden plans after a deliberate change; review the diff like code.
 golden:
@@ -29,7 +29,7 @@ guest:
 
 # The CLOS lab end to end: up, LLDP everywhere, restart spine1, peers untouched, down.
 demo:
-	$(PYTHON) -m qlink.demo
+	$(PYTHON) -m labdriver.demo
 
 # qlink against bare QEMU; writes BENCHMARKS.md and bench/bringup.png (~10 min on 2 cores).
 bench:

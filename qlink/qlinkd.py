@@ -14,12 +14,11 @@ from typing import NoReturn
 import structlog
 
 from qlink import logs
-from qlink.api import serve_api
-from qlink.cli import layout_from
+from qlink.api.app import serve_api
 from qlink.daemon import Daemon
 from qlink.errors import HostError, QlinkError
 from qlink.host import probe_host
-from qlink.plan.paths import Layout
+from qlink.plan.paths import Layout, layout_from
 from qlink.runtime.process import StopTimeouts
 from qlink.supervisor import Backoff, Liveness, SupervisorSettings
 from qlink.systemd import notify

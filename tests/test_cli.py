@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qlink.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, argv_lines, graph_dot, run
+from qlink.cli.main import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, argv_lines, graph_dot, run
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from qlink.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
-from qlink.client import Client, ReplyBrokenOff, Response, request_target
+from qlink.cli.client import Client, ReplyBrokenOff, Response, request_target
+from qlink.cli.main import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable
 from qlink.plan.paths import Layout
 
@@ -401,7 +401,7 @@ def test_daemon_verbs_import_nothing_heavy(root: Path, argv: list[str]) -> None:
     of the planning stack, the console's WebSocket client, or psutil."""
     script = (
         "import sys\n"
-        "from qlink.cli import run\n"
+        "from qlink.cli.main import run\n"
         f"code = run(['--root', {str(root)!r}, *{argv!r}])\n"
         "print(code, ' '.join(sorted(sys.modules)))\n"
     )

@@ -16,15 +16,15 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check() -> None:
-    result = run("ruff", "check", "qlink", "tests", "bench")
+    result = run("ruff", "check", "qlink", "labdriver", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_ruff_format() -> None:
-    result = run("ruff", "format", "--check", "qlink", "tests", "bench")
+    result = run("ruff", "format", "--check", "qlink", "labdriver", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy_strict() -> None:
-    result = run("mypy", "--strict", "qlink", "tests", "bench")
+    result = run("mypy", "--strict", "qlink", "labdriver", "tests", "bench")
     assert result.returncode == 0, result.stdout + result.stderr

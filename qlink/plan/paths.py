@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # `typing` is not imported either, for the same reason as in the class docstring.
@@ -89,3 +90,10 @@ class Layout:
             qemu_log=state / "qemu.log",
             overlay=state / "disk.qcow2",
         )
+
+
+def layout_from(root: str | None) -> Layout:
+    """`--root DIR`, else `QLINK_ROOT`, else the system directories: qlinkd and qlinkctl
+    choose the same way, so they meet on the same control socket."""
+    chosen = root or os.environ.get("QLINK_ROOT")
+    return Layout.under(Path(os.path.abspath(chosen))) if chosen else Layout.system()

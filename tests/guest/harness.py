@@ -1,4 +1,4 @@
-"""Test helpers for real guests: the serial-console tools live in `qlink.serial`; here are
+"""Test helpers for real guests: the serial-console tools live in `labdriver.serial`; here are
 the ones only tests need (QEMU processes under a root, who else binds a lab's ports)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from qlink.serial import (
+from labdriver.serial import (
     ConsoleError,
     GuestConsole,
     close_consoles,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qlink.serial import GuestConsole, lldp_neighbors, log_sizes, wait_ready
+from labdriver.serial import GuestConsole, lldp_neighbors, log_sizes, wait_ready
 from tests.conftest import GuestFiles, Qlinkd, write_lab
 
 pytestmark = pytest.mark.guest

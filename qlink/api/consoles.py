@@ -1,8 +1,8 @@
-"""Serial consoles and logs of running nodes: `qlinkctl console NODE` and `qlinkctl logs NODE`.
+"""Serial consoles of running nodes, the daemon side of `qlinkctl console NODE`.
 
 QEMU serves a VM's serial port on a unix socket (`-chardev socket,server=on,wait=off`) that
 takes ONE client at a time, and writes everything the guest prints to `console.log` itself,
-whether or not a client is attached. Two facts shape the daemon side:
+whether or not a client is attached. Two facts shape this module:
 
 - Several operators may watch one node, so qlinkd is the socket's only client and fans the
   output out to viewers over WebSocket (binary frames both ways; text frames from qlinkd are
@@ -20,14 +20,7 @@ whether or not a client is attached. Two facts shape the daemon side:
 
 The hub connects when the first viewer attaches and hangs up when the last one leaves, so
 while nobody watches QEMU takes another client (a debugger, socat) and only its log file gets
-the output.
-
-`logs` streams the node's console log and QEMU's own stdout/stderr (`qemu.log`), and with
-`follow=1` keeps streaming what is appended, waking on inotify.
-
-The client half (`attach_console`) runs in qlinkctl: aiohttp's WebSocket client over the
-control socket, the terminal in raw mode (always restored), `Ctrl-]` to detach; with stdin not
-a terminal it is a plain pipe, so scripts and tests can drive a console.
+the output. The terminal side is `qlink/cli/terminal.py`; logs are `qlink/api/logs.py`.
 """
 
 from __future__ import annotations
@@ -35,33 +28,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import os
-import sys
-import termios
-import tty
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
 
 import aiohttp
 import structlog
 from aiohttp import web
-from asyncinotify import Inotify, Mask
 
-from qlink.client import Client
-from qlink.errors import ControlError, DaemonUnreachable
+from qlink.errors import ControlError
 
 if TYPE_CHECKING:
     from qlink.daemon import Daemon, LabRuntime
     from qlink.supervisor import VmStatus, VmSupervisor
 
 log = structlog.get_logger("qlinkd")
-
-ESCAPE = b"\x1d"
-"""Ctrl-]: detaches a viewer (as telnet and virsh console do); never sent to the guest."""
-ESCAPE_NAME = "Ctrl-]"
 
 OUTBOX_LIMIT = 64 * 1024
 """Bytes of output a viewer may have unsent before further output is dropped for it: six
@@ -419,159 +400,8 @@ async def console_route(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-# --- logs -----------------------------------------------------------------------------------
-
-LOG_CHUNK = 1 << 20
-
-
-def _read_at(path: Path, offset: int, size: int) -> tuple[bytes, int]:
-    """Up to `size` bytes at `offset`, and the file's size now (-1: no such file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return b"", -1
-    try:
-        length = os.fstat(fd).st_size
-        return (os.pread(fd, size, offset) if offset < length else b""), length
-    finally:
-        os.close(fd)
-
-
-def _tail_offset(path: Path, lines: int) -> int:
-    """Where the last `lines` lines of the file start (0 for a shorter file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return 0
-    try:
-        end = os.fstat(fd).st_size
-        if lines == 0:
-            return end
-        position, newlines = end, 0
-        while position > 0:
-            start = max(0, position - 8192)
-            block = os.pread(fd, position - start, start)
-            # A final newline ends the last line; it does not start one more.
-            scan_end = len(block) - 1 if position == end and block.endswith(b"\n") else len(block)
-            index = scan_end
-            while (index := block.rfind(b"\n", 0, index)) != -1:
-                newlines += 1
-                if newlines == lines:
-                    return start + index + 1
-            position = start
-        return 0
-    finally:
-        os.close(fd)
-
-
-class _LogCopier:
-    """Copies what each file gained since the last call, tail(1)-style headers between files."""
-
-    def __init__(
-        self, response: web.StreamResponse, files: list[Path], offsets: dict[Path, int]
-    ) -> None:
-        self._response = response
-        self._files = files
-        self._offsets = offsets
-        self._headers = len(files) > 1
-        self._last: Path | None = None
-
-    async def _write(self, path: Path, data: bytes) -> None:
-        if self._headers and self._last != path:
-            lead = b"\n" if self._last is not None else b""
-            await self._response.write(lead + f"==> {path} <==\n".encode())
-        self._last = path
-        await self._response.write(data)
-
-    async def copy_new(self, announce: bool = False) -> None:
-        """Copy what each file gained; `announce` (the first copy) heads every file that
-        exists, even an empty one, so the reader knows which files there are."""
-        for path in self._files:
-            if announce and self._headers and path.exists():
-                await self._write(path, b"")
-            while True:
-                offset = self._offsets[path]
-                data, size = await asyncio.to_thread(_read_at, path, offset, LOG_CHUNK)
-                if 0 <= size < offset:
-                    # Shorter than what was read: truncated or replaced; start over.
-                    self._offsets[path] = 0
-                    continue
-                if not data:
-                    break
-                self._offsets[path] = offset + len(data)
-                await self._write(path, data)
-
-    async def follow(self, state_dir: Path) -> None:
-        """Copy what is there, then what is appended as inotify reports it, until cancelled
-        (the client hung up, or qlinkd is stopping)."""
-        with Inotify() as inotify:
-            # Watches first, then the first copy: an append in between is not missed.
-            inotify.add_watch(state_dir, Mask.CREATE | Mask.MOVED_TO)
-            for path in self._files:
-                with contextlib.suppress(FileNotFoundError):
-                    inotify.add_watch(path, Mask.MODIFY)
-            await self.copy_new(announce=True)
-            async for event in inotify:
-                if event.name is not None and event.watch is not None:
-                    created = event.watch.path / event.name
-                    if created in self._files:
-                        inotify.add_watch(created, Mask.MODIFY)
-                await self.copy_new()
-
-
-async def logs_route(request: web.Request) -> web.StreamResponse:
-    """`GET /v1/nodes/{node}/logs[?follow=1&which=all|console|qemu&tail=LINES]`: the bytes of
-    the node's console log and QEMU's log; with `follow`, then what they gain, until the
-    client leaves or qlinkd stops."""
-    consoles = request.app[CONSOLES]
-    _, supervisor = _daemon(request).find_node(request.match_info["node"])
-    paths = supervisor.plan.paths
-    which = request.query.get("which", "all")
-    choices = {
-        "all": [paths.console_log, paths.qemu_log],
-        "console": [paths.console_log],
-        "qemu": [paths.qemu_log],
-    }
-    if which not in choices:
-        raise ControlError(f"which= is one of {', '.join(choices)}, not {which!r}", 400)
-    files = choices[which]
-    tail = request.query.get("tail")
-    if tail is not None and not tail.isdigit():
-        raise ControlError(f"tail= is a number of lines, not {tail!r}", 400)
-    follow = _flag(request.query.get("follow"))
-    if follow and not paths.state_dir.is_dir():
-        raise ControlError(f"{supervisor.name} has never run: it has no logs yet", 409)
-
-    response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
-    await response.prepare(request)
-    offsets = {
-        path: (await asyncio.to_thread(_tail_offset, path, int(tail)) if tail else 0)
-        for path in files
-    }
-    copier = _LogCopier(response, files, offsets)
-    if not follow:
-        await copier.copy_new(announce=True)
-        await response.write_eof()
-        return response
-    loop = asyncio.get_running_loop()
-    follower = loop.create_task(copier.follow(paths.state_dir), name=f"logs:{supervisor.name}")
-    stopping = loop.create_task(consoles.stopping.wait(), name="logs:stopping")
-    try:
-        await asyncio.wait({follower, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if follower.done():
-            follower.result()  # it ends only by failing; a hang-up cancels this handler
-        follower.cancel()  # qlinkd is stopping: end the stream properly
-        await asyncio.wait({follower})
-        await response.write_eof()
-    except ConnectionResetError:
-        pass  # the client left while we wrote
-    finally:
-        consoles.retire(follower, stopping)
-    return response
-
-
 def add_console_routes(app: web.Application, daemon: Daemon) -> None:
-    """Register `console` and `logs` on the control API's app."""
+    """Register `console` on the control API's app, and the hubs' shutdown."""
     consoles = Consoles()
     app[CONSOLES] = consoles
     app[DAEMON] = daemon
@@ -581,155 +411,3 @@ def add_console_routes(app: web.Application, daemon: Daemon) -> None:
 
     app.on_shutdown.append(on_shutdown)
     app.router.add_get("/v1/nodes/{node:.+}/console", console_route)
-    app.router.add_get("/v1/nodes/{node:.+}/logs", logs_route)
-
-
-# --- the client side: qlinkctl console ------------------------------------------------------
-
-
-@contextlib.contextmanager
-def raw_terminal(fd: int) -> Iterator[None]:
-    """Every key goes to the guest (Ctrl-C included); the settings come back however we
-    leave."""
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd, termios.TCSADRAIN)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-STDIN_CHUNKS = 64
-"""Chunks read from stdin ahead of the WebSocket; past that, stdin is left unread a while."""
-
-
-async def _stdin_chunks(fd: int) -> AsyncIterator[bytes]:
-    """What arrives on stdin, until its end; a terminal, a pipe or a plain file.
-
-    The read happens in the reader callback, when epoll says the descriptor is readable: a
-    read after a stale wake-up would block the whole loop (stdin stays in blocking mode, as
-    it is shared with the shell)."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes] = asyncio.Queue()
-    reading = False
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        chunks.put_nowait(data)
-        if not data or chunks.qsize() >= STDIN_CHUNKS:
-            pause()
-
-    def resume() -> None:
-        nonlocal reading
-        loop.add_reader(fd, on_readable)
-        reading = True
-
-    def pause() -> None:
-        nonlocal reading
-        if reading:
-            loop.remove_reader(fd)
-            reading = False
-
-    try:
-        resume()
-    except PermissionError:
-        # epoll refuses plain files and /dev/null, whose reads never block anyway.
-        while data := os.read(fd, 65536):
-            yield data
-            await asyncio.sleep(0)
-        return
-    try:
-        while data := await chunks.get():
-            yield data
-            if not reading and chunks.empty():
-                resume()
-    finally:
-        pause()
-
-
-async def _send_input(ws: aiohttp.ClientWebSocketResponse, fd: int) -> None:
-    """stdin → the console, until the escape byte or the end of input."""
-    async for data in _stdin_chunks(fd):
-        before, escape, _ = data.partition(ESCAPE)
-        if before:
-            await ws.send_bytes(before)
-        if escape:
-            return
-
-
-async def _show_output(ws: aiohttp.ClientWebSocketResponse, raw: bool) -> str:
-    """The console → stdout, qlinkd's notices → stderr; returns why the session ended."""
-    out = sys.stdout.buffer
-    last_notice = "qlinkd closed the console"
-    async for message in ws:
-        if message.type == aiohttp.WSMsgType.BINARY:
-            out.write(message.data)
-            out.flush()
-        elif message.type == aiohttp.WSMsgType.TEXT:
-            last_notice = message.data
-            end = "\r\n" if raw else "\n"
-            sys.stderr.write(f"{end if raw else ''}[qlinkd] {message.data}{end}")
-            sys.stderr.flush()
-        elif message.type == aiohttp.WSMsgType.ERROR:
-            return f"the console connection failed: {ws.exception()}"
-    return last_notice
-
-
-async def _session(socket_path: Path, node: str, raw: bool) -> int:
-    connector = aiohttp.UnixConnector(path=str(socket_path))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        try:
-            ws = await session.ws_connect(
-                f"http://qlink/v1/nodes/{quote(node)}/console", max_msg_size=1 << 20
-            )
-        except aiohttp.ClientConnectorError as error:
-            cause = error.os_error
-            if isinstance(cause, PermissionError):
-                reason = "permission denied (are you in its group?)"
-            else:
-                reason = cause.strerror or str(cause)
-            raise DaemonUnreachable(str(socket_path), reason) from error
-        async with ws:
-            how = f"{ESCAPE_NAME}" if raw else f"{ESCAPE_NAME} (0x1d) or end of input"
-            with raw_terminal(sys.stdin.fileno()) if raw else contextlib.nullcontext():
-                # After the switch to raw mode: once this line shows, every key goes through.
-                sys.stderr.write(f"qlinkctl: attached to the console of {node}; "
-                                 f"detach with {how}{chr(13) if raw else ''}\n")  # fmt: skip
-                sys.stderr.flush()
-                typing = asyncio.get_running_loop().create_task(_send_input(ws, sys.stdin.fileno()))
-                showing = asyncio.get_running_loop().create_task(_show_output(ws, raw))
-                try:
-                    done, _ = await asyncio.wait(
-                        {typing, showing}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    for task in (typing, showing):
-                        task.cancel()
-                    await asyncio.wait({typing, showing})
-                if typing in done:
-                    typing.result()
-                    end = "\r\n" if raw else "\n"
-                    sys.stderr.write(f"{end if raw else ''}qlinkctl: detached from {node}{end}")
-                    return 0
-                reason = showing.result()
-    print(f"qlinkctl: console of {node} closed: {reason}", file=sys.stderr)
-    return 1
-
-
-def attach_console(socket_path: Path, node: str) -> int:
-    """`qlinkctl console NODE`: 0 when the operator detaches, 1 when qlinkd ends it."""
-    raw = sys.stdin.isatty()
-    try:
-        return asyncio.run(_session(socket_path, node, raw))
-    except aiohttp.WSServerHandshakeError as error:
-        # The daemon refused the upgrade with a JSON error (an unknown node is a 404): ask
-        # again without upgrading, to raise that error with its message and hint.
-        Client(socket_path).get(f"/nodes/{quote(node)}/console")
-        raise ControlError(f"the console of {node} refused: HTTP {error.status}", 500) from error
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C off a terminal (in raw mode it goes to the guest): a detach

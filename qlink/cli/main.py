@@ -15,9 +15,9 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from qlink.client import Client
+from qlink.cli.client import Client
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
-from qlink.plan.paths import Layout
+from qlink.plan.paths import layout_from
 
 # Every command pays for this module's imports before it starts: the daemon verbs (status,
 # start, stop ...) need only the client, so whatever else a verb needs is imported by that
@@ -40,12 +40,6 @@ EXIT_UNREACHABLE = 3
 
 class UsageError(QlinkError):
     """The command line itself is wrong (exit 2)."""
-
-
-def layout_from(root: str | None) -> Layout:
-    """`--root`, else `QLINK_ROOT`, else the system directories."""
-    chosen = root or os.environ.get("QLINK_ROOT")
-    return Layout.under(Path(chosen).resolve()) if chosen else Layout.system()
 
 
 def file_exists(path: str) -> bool:
@@ -348,7 +342,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 def cmd_console(args: argparse.Namespace) -> int:
     # The WebSocket client (aiohttp) takes a second to import: only this verb pays for it.
-    from qlink.console import attach_console
+    from qlink.cli.terminal import attach_console
 
     return attach_console(layout_from(args.root).control_socket, args.node)
 

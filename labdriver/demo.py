@@ -1,6 +1,6 @@
 """The demo: the CLOS lab of configs/clos.yaml, end to end, with the real commands.
 
-    python -m qlink.demo            # what `make demo` runs
+    python -m labdriver.demo            # what `make demo` runs
 
 It starts its own qlinkd on a scratch root, brings the lab up, shows every node running and
 every LLDP adjacency (read in the guests over their serial consoles), restarts spine1, shows
@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from qlink.serial import close_consoles, lldp_neighbors, log_sizes, open_consoles, wait_ready
+from labdriver.serial import close_consoles, lldp_neighbors, log_sizes, open_consoles, wait_ready
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TOPOLOGY = REPO / "configs" / "clos.yaml"
@@ -155,7 +155,7 @@ def run_demo(topology: Path, root: Path, restart: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m qlink.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m labdriver.demo", description=__doc__)
     parser.add_argument("--topology", type=Path, default=DEFAULT_TOPOLOGY)
     parser.add_argument("--restart", default="spine1", help="the node to restart")
     parser.add_argument("--keep-root", action="store_true", help="keep the scratch root")

@@ -19,8 +19,9 @@ from typing import Any
 
 from aiohttp import web
 
-from qlink.capture import capture
-from qlink.console import add_console_routes
+from qlink.api.capture import capture
+from qlink.api.consoles import add_console_routes
+from qlink.api.logs import logs_route
 from qlink.daemon import Daemon
 from qlink.errors import ConfigError, ControlError, QlinkError
 
@@ -150,7 +151,8 @@ def build_app(daemon: Daemon) -> web.Application:
 
     app = web.Application(middlewares=[errors_as_json])
     app.add_routes(routes)
-    add_console_routes(app, daemon)  # GET .../console (WebSocket) and .../logs
+    add_console_routes(app, daemon)  # GET .../console (WebSocket)
+    app.router.add_get(API + "/nodes/{node:.+}/logs", logs_route)
     return app
 
 

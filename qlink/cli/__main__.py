@@ -1,0 +1,3 @@
+from qlink.cli.main import main
+
+main()
