@@ -1,8 +1,14 @@
-"""The topology file: parse YAML, validate it, and say exactly where it is wrong.
+"""The topology file's models: validate the file, and say exactly where it is wrong.
 
-Parsing keeps the line of every key and item so that every error, whether pydantic's (a field
-of the wrong type) or ours (a link to an unknown node), names the file, the line and the field.
-Nothing here touches the host beyond reading the one file it is given.
+The pydantic models, the rules for names, the rules that span fields (cross-checks), and the
+merge of defaults into each node that makes the validated `Lab`. Parsing (`yamlload.py`) keeps
+the line of every key and item so that every error, whether pydantic's (a field of the wrong
+type) or ours (a link to an unknown node), names the file, the line and the field; QEMU's own
+limits on a node are checked by `limits.py`. Nothing here touches the host beyond reading the
+one file it is given.
+
+The file may come from anyone who can reach the control socket, so its size is bounded here
+and what its YAML composes in `yamlload.py`, with fixed limits far above any real lab.
 """
 
 from __future__ import annotations
@@ -12,7 +18,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -25,6 +30,10 @@ from pydantic import (
 )
 
 from qlink.errors import ConfigError, ConfigIssue
+from qlink.limits import beyond_qemu
+from qlink.screen import screen_extra_args
+from qlink.sourcefile import MAX_TOPOLOGY_BYTES, read_topology_text, too_big
+from qlink.yamlload import Location, load_document
 
 # Names end up inside QEMU's comma-separated options, file paths and log lines: allow-list them.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -42,17 +51,6 @@ Accel = Literal["auto", "kvm", "tcg"]
 ResolvedAccel = Literal["kvm", "tcg"]
 NicModel = Literal["virtio-net-pci", "e1000", "e1000e", "rtl8139", "vmxnet3"]
 RestartPolicy = Literal["always", "on-failure", "never"]
-
-# Options whose value qlink writes itself: a user's extra_args may not repeat or override them.
-OWNED_OPTIONS = frozenset(
-    {
-        "name", "nodefaults", "no-user-config", "display", "nographic", "machine", "M",
-        "accel", "enable-kvm", "cpu", "smp", "m", "kernel", "initrd", "append", "chardev",
-        "mon", "qmp", "qmp-pretty", "monitor", "serial", "pidfile", "msg", "netdev", "nic",
-        "net", "daemonize", "runas", "chroot", "run-with", "action", "no-shutdown",
-        "no-reboot",
-    }
-)  # fmt: skip
 
 
 def _check_name(value: str, pattern: re.Pattern[str], limit: int, what: str) -> str:
@@ -107,7 +105,11 @@ class NodeSettings(_Strict):
         default=None, description="a user-mode NIC with the guest's SSH on a host port"
     )
     restart: RestartPolicy | None = None
-    extra_args: tuple[str, ...] | None = None
+    extra_args: tuple[str, ...] | None = Field(
+        default=None,
+        description="QEMU options appended last, screened against what qlink owns "
+        "(qlink/screen.py)",
+    )
 
     @field_validator("machine")
     @classmethod
@@ -133,14 +135,6 @@ class NodeSettings(_Strict):
             raise ValueError("control characters are not allowed")
         if value is not None and value == "":
             raise ValueError("must not be empty")
-        return value
-
-    @field_validator("extra_args")
-    @classmethod
-    def _extra_args_not_owned(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        for arg in value or ():
-            if arg.startswith("-") and arg.lstrip("-") in OWNED_OPTIONS:
-                raise ValueError(f"{arg} is an option qlink writes itself; it cannot be overridden")
         return value
 
 
@@ -260,144 +254,6 @@ class Lab(_Strict):
         return [end.interface for link in self.links for end in link.endpoints if end.node == node]
 
 
-# --- loading ----------------------------------------------------------------------------
-
-
-Location = tuple[str | int, ...]
-
-
-class _Mapping(dict[Any, Any]):
-    """A YAML mapping that knows the line of each of its keys."""
-
-    __slots__ = ("lines",)
-    lines: dict[Any, int]
-
-
-class _Sequence(list[Any]):
-    """A YAML sequence that knows the line of each of its items."""
-
-    __slots__ = ("lines",)
-    lines: list[int]
-
-
-try:
-    # libyaml's parser, which PyYAML's wheels carry: ruamel.yaml (pure Python since 0.19)
-    # took 0.6 s to parse a 200-node lab, some 8% of bringing it up; libyaml takes 0.03 s.
-    from yaml import CSafeLoader as _SafeLoader
-except ImportError:  # a PyYAML built without libyaml: the same, in Python
-    from yaml import SafeLoader as _SafeLoader  # type: ignore[assignment]
-
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
-class _TopologyLoader(_SafeLoader):
-    """YAML 1.2's core schema, as the format promises (`on`, `no` and `2024-01-01` are
-    strings, `010` is ten; PyYAML's own resolvers are YAML 1.1's); every mapping and sequence
-    remembers its lines; a key given twice in one mapping is an error, not a silent override.
-    """
-
-    yaml_implicit_resolvers: dict[Any, list[tuple[str, re.Pattern[str]]]] = {}  # noqa: RUF012
-
-
-for _tag, _pattern, _first in (
-    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
-    # int before float: the first resolver that matches wins, and "10" matches both.
-    ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+", "-+0123456789"),
-    (
-        "float",
-        r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
-        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
-        "-+0123456789.",
-    ),
-    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
-    ("merge", r"<<", "<"),  # `<<: *defaults`
-):
-    _TopologyLoader.add_implicit_resolver(
-        f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first)
-    )
-
-
-def _construct_int(loader: _TopologyLoader, node: yaml.ScalarNode) -> int:
-    text = str(loader.construct_scalar(node))
-    if text.startswith("0o"):
-        return int(text[2:], 8)
-    if text.startswith("0x"):
-        return int(text[2:], 16)
-    return int(text, 10)  # a leading zero is decimal in YAML 1.2
-
-
-def _key(loader: _TopologyLoader, key_node: yaml.Node) -> Any:
-    key = loader.construct_object(key_node, deep=True)
-    try:
-        hash(key)
-    except TypeError as error:
-        raise yaml.constructor.ConstructorError(
-            None, None, "a mapping key must be a plain value", key_node.start_mark
-        ) from error
-    return key
-
-
-def _construct_mapping(loader: _TopologyLoader, node: yaml.MappingNode) -> _Mapping:
-    first_line: dict[Any, int] = {}
-    for key_node, _ in node.value:
-        if key_node.tag == _MERGE_TAG:
-            continue
-        key = _key(loader, key_node)
-        if key in first_line:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {first_line[key]})",
-                key_node.start_mark,
-            )  # fmt: skip
-        first_line[key] = key_node.start_mark.line + 1
-    loader.flatten_mapping(node)  # merged keys first, so the mapping's own keys win
-    mapping = _Mapping()
-    mapping.lines = {}
-    for key_node, value_node in node.value:
-        key = _key(loader, key_node)
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        mapping.lines[key] = key_node.start_mark.line + 1
-    return mapping
-
-
-def _construct_sequence(loader: _TopologyLoader, node: yaml.SequenceNode) -> _Sequence:
-    sequence = _Sequence(loader.construct_object(item, deep=True) for item in node.value)
-    sequence.lines = [item.start_mark.line + 1 for item in node.value]
-    return sequence
-
-
-_TopologyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
-_TopologyLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
-_TopologyLoader.add_constructor("tag:yaml.org,2002:seq", _construct_sequence)
-
-
-class _Positions:
-    """Finds the line of a field path in the parsed YAML document."""
-
-    def __init__(self, document: Any) -> None:
-        self._document = document
-
-    def line_of(self, location: Location) -> int | None:
-        node: Any = self._document
-        line: int | None = 1
-        for part in location:
-            if isinstance(node, _Mapping):
-                key = part
-                if key == "[key]":  # pydantic's marker for "the dict key itself"
-                    continue
-                if key not in node:
-                    continue
-                line = node.lines[key]
-                node = node[key]
-            elif isinstance(node, _Sequence) and isinstance(part, int):
-                if part >= len(node):
-                    break
-                line = node.lines[part]
-                node = node[part]
-            # Otherwise the model looks at the data through a different shape (the short link
-            # form has no `endpoints` key): skip the part and keep the closest line found.
-        return line
-
-
 def _field_path(location: Location) -> str:
     parts: list[str] = []
     for part in location:
@@ -441,17 +297,8 @@ def parse_topology_text(
     With `file_exists`, a kernel, initrd or image that is not there is an error at the line
     that names it; without, the files are not looked at.
     """
-    try:
-        document = yaml.load(text, Loader=_TopologyLoader)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(
-            [ConfigIssue(source, line, "", f"not valid YAML: {error.problem or error.context}")]
-        ) from error
-    except yaml.YAMLError as error:  # a character YAML does not allow: no mark, a position
-        raise ConfigError([ConfigIssue(source, None, "", f"not valid YAML: {error}")]) from error
-    positions = _Positions(document)
+    _check_text(text, source)
+    document, positions = load_document(text, source)
     if not isinstance(document, Mapping):
         raise ConfigError([ConfigIssue(source, 1, "", "a topology must be a YAML mapping")])
     try:
@@ -484,13 +331,26 @@ def parse_topology_text(
 
 
 def load_topology(path: str | Path, file_exists: Callable[[str], bool] | None = None) -> Lab:
-    """Read and validate a topology file (see `parse_topology_text`)."""
-    path = Path(path)
+    """Read and validate a topology file (see `read_topology_text`, `parse_topology_text`)."""
+    return parse_topology_text(read_topology_text(path), str(path), file_exists)
+
+
+def _check_text(text: str, source: str) -> None:
+    """Text that did not come from `read_topology_text` (the daemon's clients send theirs)
+    meets the same bounds: its size in UTF-8, and no lone surrogate (JSON's `\\ud800`), which
+    libyaml cannot take."""
+    if len(text) > MAX_TOPOLOGY_BYTES:  # every character is at least one byte
+        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{len(text)} characters"))])
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {error}")]) from error
-    return parse_topology_text(text, str(path), file_exists)
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        line = text.count("\n", 0, error.start) + 1
+        message = (
+            f"not text: a lone surrogate U+{ord(text[error.start]):04X} at character {error.start}"
+        )
+        raise ConfigError([ConfigIssue(source, line, "", message)]) from error
+    if size > MAX_TOPOLOGY_BYTES:
+        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{size} bytes"))])
 
 
 def _plain(value: Any) -> Any:
@@ -504,37 +364,81 @@ def _plain(value: Any) -> Any:
 
 def _cross_check(topology: Topology) -> Iterator[tuple[Location, str]]:
     """Rules that span fields: each yields the location to blame and what is wrong."""
+    yield from _links_connect_once(topology)
+    yield from _extra_args_screened(topology)
+    for name, settings in topology.nodes.items():
+        merged = _merge(topology.defaults, settings)
+        yield from beyond_qemu(name, settings, merged)
+        yield from _boots_one_way(name, merged)
+
+
+def _links_connect_once(topology: Topology) -> Iterator[tuple[Location, str]]:
+    """Each link end is a known node's interface, and no interface or UDP port is used twice."""
     used_interfaces: dict[tuple[str, str], Location] = {}
     used_ports: dict[int, Location] = {}
     for link_index, link in enumerate(topology.links):
-        for end_index, end in enumerate(link.endpoints):
-            where: Location = ("links", link_index, "endpoints", end_index)
-            if end.node not in topology.nodes:
-                yield where, f"unknown node {end.node!r} (nodes: {', '.join(topology.nodes)})"
-                continue
-            key = (end.node, end.interface)
-            if key in used_interfaces:
-                first = _field_path(used_interfaces[key])
-                yield where, f"interface {end} is already used by {first}"
-            else:
-                used_interfaces[key] = where
-        for end_index, port in enumerate(link.ports or ()):
-            where = ("links", link_index, "ports", end_index)
-            if port in used_ports:
-                yield where, f"UDP port {port} is already used by {_field_path(used_ports[port])}"
-            else:
-                used_ports[port] = where
-    for name, settings in topology.nodes.items():
-        merged = _merge(topology.defaults, settings)
-        if merged.kernel is None and merged.image is None:
-            yield (
-                ("nodes", name),
-                "needs `kernel` (direct boot) or `image` (a disk), set here or in defaults",
-            )
-        elif merged.kernel is not None and merged.image is not None:
-            yield ("nodes", name), "set either `kernel` or `image`, not both"
-        if merged.kernel is None and (merged.initrd is not None or merged.append is not None):
-            yield ("nodes", name), "`initrd` and `append` need `kernel`"
+        yield from _ends_known_and_free(topology, link_index, link, used_interfaces)
+        yield from _ports_free(link_index, link, used_ports)
+
+
+def _ends_known_and_free(
+    topology: Topology,
+    link_index: int,
+    link: Link,
+    used_interfaces: dict[tuple[str, str], Location],
+) -> Iterator[tuple[Location, str]]:
+    """The link's ends name known nodes and interfaces no earlier end took (recorded here)."""
+    for end_index, end in enumerate(link.endpoints):
+        where: Location = ("links", link_index, "endpoints", end_index)
+        if end.node not in topology.nodes:
+            yield where, f"unknown node {end.node!r} (nodes: {', '.join(topology.nodes)})"
+            continue
+        key = (end.node, end.interface)
+        if key in used_interfaces:
+            first = _field_path(used_interfaces[key])
+            yield where, f"interface {end} is already used by {first}"
+        else:
+            used_interfaces[key] = where
+
+
+def _ports_free(
+    link_index: int, link: Link, used_ports: dict[int, Location]
+) -> Iterator[tuple[Location, str]]:
+    """The link's fixed UDP ports are ones no earlier link took (recorded here)."""
+    for end_index, port in enumerate(link.ports or ()):
+        where: Location = ("links", link_index, "ports", end_index)
+        if port in used_ports:
+            yield where, f"UDP port {port} is already used by {_field_path(used_ports[port])}"
+        else:
+            used_ports[port] = where
+
+
+def _extra_args_screened(topology: Topology) -> Iterator[tuple[Location, str]]:
+    """`extra_args` stay clear of what qlink owns (qlink/screen.py), item by item."""
+    written: list[tuple[Location, NodeSettings]] = [(("defaults",), topology.defaults)]
+    written += [(("nodes", name), settings) for name, settings in topology.nodes.items()]
+    screened: dict[tuple[str, ...], list[tuple[int, str]]] = {}  # nodes often share one list
+    for where, settings in written:
+        # Screened where written, item by item: a node's list replaces the defaults' list.
+        args = settings.extra_args or ()
+        if args not in screened:
+            screened[args] = screen_extra_args(args)
+        for index, message in screened[args]:
+            yield (*where, "extra_args", index), message
+
+
+def _boots_one_way(name: str, merged: NodeSettings) -> Iterator[tuple[Location, str]]:
+    """A node boots from a kernel or from a disk image, exactly one; initrd and append need
+    the kernel."""
+    if merged.kernel is None and merged.image is None:
+        yield (
+            ("nodes", name),
+            "needs `kernel` (direct boot) or `image` (a disk), set here or in defaults",
+        )
+    elif merged.kernel is not None and merged.image is not None:
+        yield ("nodes", name), "set either `kernel` or `image`, not both"
+    if merged.kernel is None and (merged.initrd is not None or merged.append is not None):
+        yield ("nodes", name), "`initrd` and `append` need `kernel`"
 
 
 def _missing_files(

@@ -1,0 +1,53 @@
+"""Reading a topology file's text: bounded in size, and UTF-8 or a located error.
+
+Apart from `topology.py`, so that `qlinkctl up`, which only sends the text to qlinkd, makes
+the same checks without importing the validation stack (pydantic, PyYAML).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from qlink.errors import ConfigError, ConfigIssue
+
+MAX_TOPOLOGY_BYTES = 4 * 1024 * 1024
+
+
+def read_topology_text(path: str | Path) -> str:
+    """The text of a topology file: at most `MAX_TOPOLOGY_BYTES`, and UTF-8.
+
+    Each failure is a ConfigError naming the file: why it cannot be read, its size, or the
+    line and byte offset of the first byte that is not UTF-8.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            # Read one byte past the bound: /dev/zero or a pipe has no size to stat.
+            data = b"" if size > MAX_TOPOLOGY_BYTES else file.read(MAX_TOPOLOGY_BYTES + 1)
+    except OSError as error:
+        raise ConfigError([ConfigIssue(source, None, "", f"cannot read: {error}")]) from error
+    if size > MAX_TOPOLOGY_BYTES or len(data) > MAX_TOPOLOGY_BYTES:
+        what = f"{size} bytes" if size > MAX_TOPOLOGY_BYTES else "more than that"
+        raise ConfigError([ConfigIssue(source, None, "", too_big(what))])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        hint = (
+            " (a UTF-16 file? save it as UTF-8)" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        )
+        message = (
+            f"not UTF-8: byte 0x{data[error.start]:02x} at byte offset {error.start} "
+            f"(line {line}, byte {column} of the line) cannot be decoded{hint}"
+        )
+        raise ConfigError([ConfigIssue(source, line, "", message)]) from error
+
+
+def too_big(what: str) -> str:
+    return (
+        f"{what}: a topology file may be at most {MAX_TOPOLOGY_BYTES} bytes "
+        f"({MAX_TOPOLOGY_BYTES // (1024 * 1024)} MiB)"
+    )
