@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from bench.bare import kill_and_wait
-from qlink.runtime.process import udp_port_in_use
+from qlink.runtime.ports import udp_port_in_use
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 

@@ -47,7 +47,7 @@ from bench.results import (
     Results,
 )
 from bench.topology import BenchLab, chunked, labs_for
-from qlink.supervisor import Liveness
+from qlink.policy import Liveness
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIVENESS = Liveness().interval  # what qlinkd runs with when not told

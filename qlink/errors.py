@@ -9,8 +9,17 @@ Errors carry data; only the CLI turns them into a message, a hint and an exit co
      │    └── PortInUseError  a UDP port the plan needs is held by another process
      ├── LaunchError          QEMU refused to start: argv, exit code, the tail of its stderr
      ├── VmError              a running VM misbehaved (QMP gone, did not stop in time)
+     │    └── QmpCommandError  QEMU refused a QMP command (carries QEMU's error_class)  (422)
+     ├── NotFound             no such lab, node or interface is up               (API: 404)
+     ├── Conflict             the request does not fit what runs now             (API: 409)
+     │    ├── NotRunning      the VM is in a state that cannot serve it (carries the state)
+     │    └── Gone            the VM's supervisor has ended (lab down, node removed)
+     ├── Invalid              the request itself is malformed                    (API: 400)
+     ├── Forbidden            the caller may not do this (a QMP command for root only)
      └── ControlError         the control API answered with an error, or was unreachable
           └── DaemonUnreachable  no qlinkd answers on the control socket; exit 3
+
+The core raises the domain errors; the API alone picks HTTP statuses, the CLI exit codes.
 """
 
 from __future__ import annotations
@@ -110,6 +119,50 @@ class LaunchError(QlinkError):
 
 class VmError(QlinkError):
     """A running VM did something the supervisor could not handle."""
+
+
+class QmpCommandError(VmError):
+    """QEMU answered a QMP command with an error."""
+
+    def __init__(self, command: str, error_class: str, description: str) -> None:
+        self.command = command
+        self.error_class = error_class
+        self.description = description
+        super().__init__(f"QMP {command} failed: {error_class}: {description}")
+
+
+class NotFound(QlinkError):
+    """A lab, node or interface that is not up."""
+
+
+class Conflict(QlinkError):
+    """The request is well-formed but clashes with what runs now."""
+
+
+class NotRunning(Conflict):
+    """A command that needs a running VM reached one in another state."""
+
+    def __init__(self, node: str, state: str, wanted: str = "running") -> None:
+        self.node = node
+        self.state = state
+        self.wanted = wanted
+        super().__init__(f"{node} is {state}, not {wanted}")
+
+
+class Gone(Conflict):
+    """The VM's supervisor has ended: its lab went down or its node left the file."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        super().__init__(f"{node} is no longer supervised (its lab is down, or it was removed)")
+
+
+class Invalid(QlinkError):
+    """The request is malformed: a bad reference, an unknown verb, a wrong body."""
+
+
+class Forbidden(QlinkError):
+    """The caller is not allowed to do this."""
 
 
 class ControlError(QlinkError):

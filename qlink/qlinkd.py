@@ -19,8 +19,8 @@ from qlink.daemon import Daemon
 from qlink.errors import HostError, QlinkError
 from qlink.host import probe_host
 from qlink.plan.paths import Layout, layout_from
+from qlink.policy import Backoff, Liveness, SupervisorSettings
 from qlink.runtime.process import StopTimeouts
-from qlink.supervisor import Backoff, Liveness, SupervisorSettings
 from qlink.systemd import notify
 
 log = structlog.get_logger("qlinkd")

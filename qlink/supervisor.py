@@ -1,204 +1,54 @@
-"""One task per VM: its state machine, restart policy and backoff.
+"""One task per VM: its state machine (`states.py`), restart policy and backoff (`policy.py`).
 
-    STOPPED ──start──► STARTING ──QMP answers──► RUNNING ──stop/restart──► STOPPING ─┐
-       ▲                  │                        │                               │
-       │               launch failed          process exited / hung                │
-       │                  ▼                        ▼                               │
-       │               BACKOFF ◄──policy says restart──┘        stop: STOPPED ◄────┘
-       │                  │  (too many quick failures)          restart: STARTING
-       └──policy says no──┴────────► FAILED (until an operator starts it again)
+The task is the only writer of its VM's state and the only user of its QMP session. Everyone
+else sends it a command and awaits the answer: lifecycle commands (start, stop, restart,
+kill), a new plan and argv for the next launch (`configure`), and QMP work (`call`: carrier,
+NIC hotplug, capture filters, the QMP passthrough), which runs only while RUNNING. So no locks
+are needed, and nothing else ever talks to QEMU.
 
-The task is the only owner of its VM's state; commands reach it through a queue, so no locks
-are needed. The process exit is the truth: QMP events are recorded and logged, and a QMP that
-stops answering gets the process killed, whose exit then drives the state machine.
+The process exit is the truth: QMP events are recorded and logged, and a QMP that stops
+answering gets the process killed, whose exit then drives the state machine.
+
+A bug in the task (an exception that is not a `QlinkError` the machine handles) is caught at
+its boundary: every waiting caller is answered at once, the VM is re-adopted if its QEMU
+still runs, and the task starts over after a backoff; after `TASK_CRASH_LIMIT` crashes the
+VM is FAILED and every later command is refused at once. No caller ever waits forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 
-from qlink.errors import QlinkError, VmError
+from qlink.errors import Gone, NotRunning, QlinkError, VmError
+from qlink.mailbox import Command, LifecycleCommand, Mailbox, VmOperation
 from qlink.plan.lab import NodePlan
-from qlink.runtime import process as real_process
-from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
-from qlink.runtime.qmp import QmpSession
+from qlink.policy import SupervisorSettings, VmStatus
+from qlink.runtime.handles import MonitorHandle, ProcessHandle, Runtime, VmRuntime
+from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity
+from qlink.states import IDLE, SERVES_QMP, VmState
+from qlink.vmwatch import watch
 
 log = structlog.get_logger(__name__)
 
-
-class ProcessHandle(Protocol):
-    """What the supervisor needs of a QEMU process (`runtime.process.QemuProcess`)."""
-
-    @property
-    def identity(self) -> ProcessIdentity: ...
-    @property
-    def pid(self) -> int: ...
-    @property
-    def exited(self) -> bool: ...
-    async def wait(self) -> ExitStatus: ...
-    def send_signal(self, signum: signal.Signals) -> None: ...
+TASK_CRASH_LIMIT = 3
+"""Bugs a VM's task survives (each re-adopting its QEMU) before the VM is marked FAILED."""
 
 
-class MonitorHandle(Protocol):
-    """What the supervisor needs of a QMP connection (`runtime.qmp.QmpSession`)."""
+class Hooks(Protocol):
+    """What a supervisor asks of the daemon: port checks, files, persistence, fan-out."""
 
-    @property
-    def connected(self) -> bool: ...
-    async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
-    ) -> Any: ...
-    def listen(self, names: Iterable[str] = ...) -> AbstractContextManager[AsyncIterator[Any]]: ...
-    async def unplug(self, device_id: str, timeout: float) -> None: ...
-    async def close(self) -> None: ...
-
-
-class VmRuntime:
-    """The runtime operations a supervisor drives; tests of the state machine substitute
-    fakes here, the product always uses these."""
-
-    def __init__(self, watcher: real_process.CreationWatcher | None = None) -> None:
-        self._watcher = watcher
-
-    async def launch(
-        self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
-    ) -> tuple[ProcessHandle, MonitorHandle]:
-        return await real_process.launch(argv, plan.paths, timeout, qmp_name, self._watcher)
-
-    def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
-        return real_process.adopt(identity)
-
-    async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle:
-        return await QmpSession.connect(name, plan.paths.qmp_socket, timeout)
-
-    async def stop(
-        self,
-        process: ProcessHandle,
-        qmp: MonitorHandle | None,
-        timeouts: StopTimeouts,
-        graceful: bool,
-    ) -> StopStep:
-        assert isinstance(process, real_process.QemuProcess)
-        assert qmp is None or isinstance(qmp, QmpSession)
-        return await real_process.stop(process, qmp, timeouts, graceful)
-
-
-class VmState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Capped exponential backoff with jitter; `attempts` quick failures in a row → FAILED.
-
-    A VM that stayed up for `healthy_after` seconds is healthy again: its count restarts.
-    """
-
-    initial: float = 1.0
-    factor: float = 2.0
-    cap: float = 30.0
-    jitter: float = 0.2
-    attempts: int = 5
-    healthy_after: float = 30.0
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        try:
-            grown = self.initial * self.factor ** max(0, failures - 1)
-        except OverflowError:  # a float power past 2**1023: long past the cap anyway
-            grown = self.cap
-        base = min(self.cap, grown)
-        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
-
-
-@dataclass(frozen=True, slots=True)
-class Liveness:
-    """A `query-status` every `interval`; `misses` unanswered in a row means hung."""
-
-    # Measured: a query-status costs qlinkd ~0.35 ms of CPU; at 5 s, 200 idle VMs took 1.4%
-    # of a core. At 30 s that is ~0.25%, and a hung VM is still caught within a minute.
-    interval: float = 30.0
-    timeout: float = 5.0
-    misses: int = 2
-
-
-@dataclass(frozen=True, slots=True)
-class SupervisorSettings:
-    backoff: Backoff = Backoff()
-    liveness: Liveness = Liveness()
-    stop_timeouts: StopTimeouts = field(default_factory=StopTimeouts)
-    launch_timeout: float = 30.0
-    unplug_timeout: float = 10.0
-    """How long a guest gets to release a NIC taken out of it (a link removed from its lab)."""
-
-
-@dataclass
-class VmStatus:
-    """A snapshot for `qlinkctl status`; only the supervisor task writes it."""
-
-    state: VmState = VmState.STOPPED
-    pid: int | None = None
-    since: float = field(default_factory=time.time)
-    started_at: float | None = None
-    restarts: int = 0
-    failures: int = 0
-    last_exit: str | None = None
-    last_error: str | None = None
-    last_event: str | None = None
-    next_start_at: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        now = time.time()
-        return {
-            "state": self.state.value,
-            "pid": self.pid,
-            "uptime": round(now - self.started_at, 1) if self.started_at is not None else None,
-            "restarts": self.restarts,
-            "failures": self.failures,
-            "last_exit": self.last_exit,
-            "last_error": self.last_error,
-            "last_event": self.last_event,
-            "next_start_in": (
-                round(max(0.0, self.next_start_at - now), 1)
-                if self.next_start_at is not None
-                else None
-            ),
-        }
-
-
-CommandName = Literal["start", "stop", "restart", "kill"]
-
-
-@dataclass
-class Command:
-    name: CommandName
-    graceful: bool = True
-    done: asyncio.Future[VmStatus] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-class Hooks:
-    """What the supervisor asks of the daemon: persistence, port checks, state fan-out."""
-
-    def check_ports(self, plan: NodePlan) -> None:
+    async def check_ports(self, plan: NodePlan) -> None:
         """Raise if a port the node binds is taken."""
 
-    def prepare_files(self, plan: NodePlan) -> None:
+    async def prepare_files(self, plan: NodePlan) -> None:
         """Create the files the node's argv names: its disk overlay, its SSH credential."""
 
     def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
@@ -208,13 +58,9 @@ class Hooks:
         """Called after every transition."""
 
 
-@dataclass(frozen=True, slots=True)
-class _Hung:
-    reason: str
-
-
-class VmSupervisor:
-    """Owns one VM for the life of the daemon."""
+class _VmMachine:
+    """The state machine of one VM, run by its supervisor's task (see `VmSupervisor`, which
+    adds the callers' side and the task's boundary)."""
 
     def __init__(
         self,
@@ -224,18 +70,16 @@ class VmSupervisor:
         *,
         settings: SupervisorSettings | None = None,
         rng: random.Random | None = None,
-        runtime: VmRuntime | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.plan = plan
         self.argv = argv
         self.status = VmStatus()
         self._hooks = hooks
         self._settings = settings or SupervisorSettings()
-        self._runtime = runtime or VmRuntime()
+        self._runtime: Runtime = runtime or VmRuntime()
         self._rng = rng or random.Random()
-        self._commands: asyncio.Queue[Command] = asyncio.Queue()
-        # A command that arrived together with an exit: served next, before newer ones.
-        self._held: Command | None = None
+        self._mailbox = Mailbox()
         # The reason of the guest's last SHUTDOWN event: it tells a clean power-off from a
         # crash when the exit status is unknown (an adopted QEMU is not our child).
         self._shutdown_reason: str | None = None
@@ -251,56 +95,20 @@ class VmSupervisor:
     def name(self) -> str:
         return self.plan.name
 
-    @property
-    def qmp(self) -> MonitorHandle | None:
-        return self._qmp if self.status.state == VmState.RUNNING else None
-
-    # --- the public side: commands queue up for the task -------------------------------
-
-    def submit(self, name: CommandName, graceful: bool = True) -> asyncio.Future[VmStatus]:
-        command = Command(name, graceful)
-        self._commands.put_nowait(command)
-        return command.done
-
-    async def wait_for(self, predicate: Callable[[VmStatus], bool]) -> VmStatus:
-        """Wait until the status satisfies `predicate` (checked after every transition)."""
-        if predicate(self.status):
-            return self.status
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (predicate, future)
-        self._state_waiters.append(entry)
-        try:
-            await future
-        finally:
-            with contextlib.suppress(ValueError):
-                self._state_waiters.remove(entry)
-        return self.status
-
-    # --- the task ----------------------------------------------------------------------
-
-    async def run(self, adopt_identity: ProcessIdentity | None, want_running: bool) -> None:
-        """The VM's task: adopt what a previous qlinkd left, then serve until cancelled."""
-        with structlog.contextvars.bound_contextvars(lab=self.plan.lab, node=self.plan.name):
-            try:
-                adopted = adopt_identity is not None and await self._adopt(adopt_identity)
-                self.settled.set()
-                if adopted:
-                    await self._serve_adopted()
-                elif want_running:
-                    await self._start_with_policy()
-                await self._serve_forever()
-            finally:
-                # The daemon is going away, not the VM: leave QEMU running, just hang up.
-                if self._qmp is not None:
-                    await self._qmp.close()
-
-    async def _serve_forever(self) -> None:
+    async def _serve(self, adopt_identity: ProcessIdentity | None, want_running: bool) -> None:
+        adopted = adopt_identity is not None and await self._adopt(adopt_identity)
+        self.settled.set()
+        if adopted:
+            await self._serve_adopted()
+        elif want_running:
+            await self._start_with_policy()
         while True:
             command = await self._next_command()
             await self._handle_idle_command(command)
 
     async def _handle_idle_command(self, command: Command) -> None:
-        """A command while nothing runs (STOPPED or FAILED)."""
+        """A lifecycle command while nothing runs (STOPPED or FAILED)."""
+        self._mailbox.serving = command
         if command.name in ("start", "restart"):
             # STOPPED/FAILED → STARTING. An operator's start clears a crash loop's count.
             self.status.failures = 0
@@ -309,18 +117,23 @@ class VmSupervisor:
             self._finish(command)  # stopping what is stopped is done already
 
     async def _next_command(self) -> Command:
-        if self._held is not None:
-            command, self._held = self._held, None
-            return command
-        return await self._commands.get()
+        """The next command the state machine acts on. A new configuration is taken in any
+        state; QMP work outside RUNNING is refused here, so callers never wait on it."""
+        while True:
+            command = await self._mailbox.take()
+            if command.name == "configure":
+                assert command.configuration is not None
+                self.plan, self.argv = command.configuration
+                self._finish(command)
+            elif command.name == "call" and self.status.state not in SERVES_QMP:
+                self._finish(command, NotRunning(self.name, self.status.state.value))
+            else:
+                return command
 
     def _finish(self, command: Command, error: BaseException | None = None) -> None:
-        if command.done.done():
-            return
-        if error is None:
-            command.done.set_result(self.status)
-        else:
-            command.done.set_exception(error)
+        if self._mailbox.serving is command:
+            self._mailbox.serving = None
+        command.answer(self.status, error)
 
     def _set_state(self, state: VmState, **changes: Any) -> None:
         previous = self.status.state
@@ -351,9 +164,8 @@ class VmSupervisor:
             self._hooks.record_process(self.plan, None)
             return False
         self._process, self._qmp = process, qmp
-        started_at = identity.start_time
         # Adopted VMs are running: the transition is the daemon learning it, not a start.
-        self._set_state(VmState.RUNNING, pid=identity.pid, started_at=started_at)
+        self._set_state(VmState.RUNNING, pid=identity.pid, started_at=identity.start_time)
         self._log.info("vm_adopted", pid=identity.pid)
         return True
 
@@ -377,6 +189,7 @@ class VmSupervisor:
         runs, or fails when the VM ends up FAILED or STOPPED instead.
         """
         while True:
+            self._mailbox.serving = command
             try:
                 await self._launch_once()
             except QlinkError as error:
@@ -408,8 +221,8 @@ class VmSupervisor:
         # → STARTING. The checks come first, so a refused start leaves nothing behind.
         self._set_state(VmState.STARTING, pid=None, next_start_at=None)
         self._shutdown_reason = None
-        self._hooks.check_ports(self.plan)
-        self._hooks.prepare_files(self.plan)
+        await self._hooks.check_ports(self.plan)
+        await self._hooks.prepare_files(self.plan)
         process, qmp = await self._runtime.launch(
             self.argv,
             self.plan,
@@ -438,7 +251,7 @@ class VmSupervisor:
             )
             self._log.error("vm_failed", failures=failures, reason=reason)
             if command is not None:
-                self._finish(command, VmError(f"{self.plan.name} failed: {reason}"))
+                self._finish(command, VmError(f"{self.name} failed: {reason}"))
             return False, None
         delay = backoff.delay(failures, self._rng)
         # → BACKOFF
@@ -461,7 +274,7 @@ class VmSupervisor:
             self._set_state(VmState.STOPPED, next_start_at=None)
             self._finish(pending)
             if command is not None:
-                self._finish(command, VmError(f"{self.plan.name} was stopped while backing off"))
+                self._finish(command, VmError(f"{self.name} was stopped while backing off"))
             return False, None
         if command is not None:
             self._finish(command)  # superseded by the newer start
@@ -494,42 +307,68 @@ class VmSupervisor:
         assert process is not None
         assert qmp is not None
         while True:
-            outcome = await self._watch(process, qmp)
-            if isinstance(outcome, _Hung):
+            exited, command, hung = await watch(
+                process, qmp, self._next_command, self._settings.liveness, self._on_event
+            )
+            if exited is not None and command is not None:
+                # A command and the exit at once: the exit wins, the command goes next.
+                self._mailbox.hold(command)
+            if hung is not None:
                 # RUNNING, hung → killed: from here on it is handled like any crash.
-                self._log.error("vm_hung", reason=outcome.reason)
-                self.status.last_error = f"hung: {outcome.reason}"
+                self._log.error("vm_hung", reason=hung.reason)
+                self.status.last_error = f"hung: {hung.reason}"
                 process.send_signal(signal.SIGKILL)
-                outcome = await process.wait()
-            if isinstance(outcome, ExitStatus):
+                exited = await process.wait()
+            if exited is not None:
                 await self._forget_process()
-                return outcome
-            command = outcome
+                return exited
+            assert command is not None
+            if command.name == "call":
+                await self._run_operation(command, qmp, process.pid)
+                continue
             if command.name == "start":
                 self._finish(command)  # it runs already
                 continue
-            # RUNNING → STOPPING
-            self._set_state(VmState.STOPPING)
-            try:
-                step = await self._runtime.stop(
-                    process,
-                    None if command.name == "kill" else qmp,
-                    self._settings.stop_timeouts,
-                    graceful=command.graceful and command.name != "kill",
-                )
-            except VmError as error:
-                self._set_state(VmState.RUNNING)
-                self._finish(command, error)
-                continue
-            self.status.last_exit = f"stopped by {step.value}"
-            self._log.info("vm_stopped", step=step.value)
-            await self._forget_process()
-            if command.name == "restart":
-                return command
-            # STOPPING → STOPPED
-            self._set_state(VmState.STOPPED, pid=None, started_at=None)
-            self._finish(command)
-            return None
+            self._mailbox.serving = command
+            if await self._stop(command, process, qmp):
+                if command.name == "restart":
+                    return command
+                # STOPPING → STOPPED
+                self._set_state(VmState.STOPPED, pid=None, started_at=None)
+                self._finish(command)
+                return None
+
+    async def _run_operation(self, command: Command, qmp: MonitorHandle, pid: int) -> None:
+        """QMP work for another component. Its failure is the caller's to handle, never the
+        VM's: even a bug in it only fails that call."""
+        assert command.operation is not None
+        self._mailbox.serving = command
+        try:
+            result = await command.operation(qmp, pid)
+        except Exception as error:  # handed to the caller, who awaits it
+            command.answer(error=error)
+        else:
+            command.answer(result)
+        self._mailbox.serving = None
+
+    async def _stop(self, command: Command, process: ProcessHandle, qmp: MonitorHandle) -> bool:
+        """RUNNING → STOPPING, and the stop ladder; False (back to RUNNING) if it failed."""
+        self._set_state(VmState.STOPPING)
+        try:
+            step = await self._runtime.stop(
+                process,
+                None if command.name == "kill" else qmp,
+                self._settings.stop_timeouts,
+                graceful=command.graceful and command.name != "kill",
+            )
+        except VmError as error:
+            self._set_state(VmState.RUNNING)
+            self._finish(command, error)
+            return False
+        self.status.last_exit = f"stopped by {step.value}"
+        self._log.info("vm_stopped", step=step.value)
+        await self._forget_process()
+        return True
 
     async def _forget_process(self) -> None:
         if self._qmp is not None:
@@ -537,60 +376,117 @@ class VmSupervisor:
         self._process, self._qmp = None, None
         self._hooks.record_process(self.plan, None)
 
-    async def _watch(
-        self, process: ProcessHandle, qmp: MonitorHandle
-    ) -> ExitStatus | Command | _Hung:
-        """Until the process exits, a command arrives, or QMP stops answering; QMP events
-        are recorded meanwhile."""
-        async with asyncio.TaskGroup() as group:
-            exited = group.create_task(process.wait())
-            commanded = group.create_task(self._next_command())
-            hung = group.create_task(self._liveness(qmp))
-            recorder = group.create_task(self._record_events(qmp))
-            done, _ = await asyncio.wait(
-                (exited, commanded, hung), return_when=asyncio.FIRST_COMPLETED
-            )
-            for task in (exited, commanded, hung, recorder):
-                if task not in done:
-                    task.cancel()
-        if exited in done:
-            if commanded in done:
-                # A command and the exit at once: the exit wins, the command goes next.
-                self._held = commanded.result()
-            return exited.result()
-        if commanded in done:
-            return commanded.result()
-        return hung.result()
+    def _on_event(self, name: str, data: dict[str, Any]) -> None:
+        self.status.last_event = name
+        if name == "RESET":
+            # A guest reboot happens inside the same QEMU: not a crash, no restart.
+            self._log.info("vm_guest_reset", guest=data.get("guest"))
+        elif name == "SHUTDOWN":
+            reason = data.get("reason")
+            self._shutdown_reason = reason if isinstance(reason, str) else None
+            self._log.info("vm_guest_shutdown", reason=self._shutdown_reason)
+        elif name == "GUEST_PANICKED":
+            self._log.error("vm_guest_panicked", action=data.get("action"))
+        else:
+            self._log.info("vm_qmp_event", qmp_event=name, data=data)
 
-    async def _record_events(self, qmp: MonitorHandle) -> None:
-        with qmp.listen() as listener:
-            async for event in listener:
-                name = event["event"]
-                data = event.get("data", {})
-                self.status.last_event = name
-                if name == "RESET":
-                    # A guest reboot happens inside the same QEMU: not a crash, no restart.
-                    self._log.info("vm_guest_reset", guest=data.get("guest"))
-                elif name == "SHUTDOWN":
-                    self._shutdown_reason = data.get("reason")
-                    self._log.info("vm_guest_shutdown", reason=self._shutdown_reason)
-                elif name == "GUEST_PANICKED":
-                    self._log.error("vm_guest_panicked", action=data.get("action"))
-                else:
-                    self._log.info("vm_qmp_event", qmp_event=name, data=data)
 
-    async def _liveness(self, qmp: MonitorHandle) -> _Hung:
-        """A heartbeat: returns once `misses` query-status in a row went unanswered."""
-        liveness = self._settings.liveness
-        misses = 0
-        while True:
-            await asyncio.sleep(liveness.interval)
+class VmSupervisor(_VmMachine):
+    """Owns one VM for the life of the daemon: the callers' side (commands into the
+    mailbox) and the task, whose boundary keeps a bug here from reaching the daemon."""
+
+    def __init__(
+        self,
+        plan: NodePlan,
+        argv: list[str],
+        hooks: Hooks,
+        *,
+        settings: SupervisorSettings | None = None,
+        rng: random.Random | None = None,
+        runtime: Runtime | None = None,
+    ) -> None:
+        super().__init__(plan, argv, hooks, settings=settings, rng=rng, runtime=runtime)
+        self._crashes = 0
+        # Set when the task has ended for good: the node left the daemon.
+        self.retired = asyncio.Event()
+
+    def submit(self, name: LifecycleCommand, graceful: bool = True) -> asyncio.Future[VmStatus]:
+        return self._mailbox.put(Command(name, graceful))
+
+    def call(self, operation: VmOperation) -> asyncio.Future[Any]:
+        """Run QMP work on the VM's session from its own task; fails with `NotRunning`
+        unless the VM is RUNNING when the task gets to it."""
+        return self._mailbox.put(Command("call", operation=operation))
+
+    def configure(self, plan: NodePlan, argv: list[str]) -> asyncio.Future[Any]:
+        """The plan and argv of the next launch (a running QEMU keeps its own)."""
+        return self._mailbox.put(Command("configure", configuration=(plan, argv)))
+
+    async def wait_for(self, predicate: Callable[[VmStatus], bool]) -> VmStatus:
+        """Wait until the status satisfies `predicate` (checked after every transition)."""
+        if predicate(self.status):
+            return self.status
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (predicate, future)
+        self._state_waiters.append(entry)
+        try:
+            await future
+        finally:
+            with contextlib.suppress(ValueError):
+                self._state_waiters.remove(entry)
+        return self.status
+
+    async def run(self, adopt_identity: ProcessIdentity | None, want_running: bool) -> None:
+        """The VM's task: adopt what a previous qlinkd left, then serve until cancelled.
+        Never raises but CancelledError: a bug here is this VM's, never the daemon's."""
+        with structlog.contextvars.bound_contextvars(lab=self.plan.lab, node=self.plan.name):
             try:
-                await qmp.execute("query-status", timeout=liveness.timeout)
-            except VmError as error:
-                misses += 1
-                self._log.warning("vm_qmp_unanswered", misses=misses, error=str(error))
-                if misses >= liveness.misses:
-                    return _Hung(str(error))
-            else:
-                misses = 0
+                await self._run_with_boundary(adopt_identity, want_running)
+            finally:
+                self._retire()
+                # The daemon is going away, not the VM: leave QEMU running, just hang up.
+                if self._qmp is not None:
+                    await self._qmp.close()
+
+    async def _run_with_boundary(
+        self, adopt_identity: ProcessIdentity | None, want_running: bool
+    ) -> None:
+        while True:
+            try:
+                await self._serve(adopt_identity, want_running)
+            except Exception as error:  # the task's boundary: a bug, never a lost VM
+                self._crashes += 1
+                self._log.exception("supervisor_crashed", crashes=self._crashes)
+                self._mailbox.answer_in_flight(VmError(f"{self.name}: internal error: {error!r}"))
+                self.settled.set()
+                adopt_identity, want_running = await self._recover(error)
+                if self._crashes >= TASK_CRASH_LIMIT:
+                    await self._refuse_forever(error)
+
+    async def _recover(self, error: Exception) -> tuple[ProcessIdentity | None, bool]:
+        """After a bug: hang up QMP, keep a QEMU that still runs (the next pass adopts it),
+        and wait a backoff before starting over."""
+        process, qmp = self._process, self._qmp
+        self._process, self._qmp = None, None
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                await qmp.close()
+        keep = process is not None and not process.exited
+        want_running = self.status.state not in IDLE
+        self.status.last_error = f"internal error: {error!r}"
+        if self._crashes < TASK_CRASH_LIMIT:
+            await asyncio.sleep(self._settings.backoff.delay(self._crashes, self._rng))
+        return (process.identity if keep and process is not None else None), want_running
+
+    async def _refuse_forever(self, error: Exception) -> None:
+        # → FAILED, for good: every command is answered at once with the reason.
+        self._set_state(VmState.FAILED, last_error=f"internal error: {error!r}")
+        self._log.error("supervisor_gave_up", crashes=self._crashes)
+        self._mailbox.close(VmError(f"{self.name} failed: internal error: {error!r}"))
+        await asyncio.Future()  # until cancelled: the mailbox answers every caller
+
+    def _retire(self) -> None:
+        if self._mailbox.closed is None:
+            self._mailbox.close(Gone(self.name))
+        self.settled.set()
+        self.retired.set()

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from qlink.cli.main import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, argv_lines, graph_dot, run
+from qlink.cli.common import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from qlink.cli.main import run
+from qlink.cli.render import argv_lines, graph_dot
 from tests.conftest import require
 
 REPO = Path(__file__).resolve().parent.parent

@@ -20,7 +20,8 @@ import pytest
 from aiohttp import web
 
 from qlink.cli.client import Client, ReplyBrokenOff, Response, request_target
-from qlink.cli.main import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, run
+from qlink.cli.common import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
+from qlink.cli.main import run
 from qlink.errors import ConfigError, ControlError, DaemonUnreachable
 from qlink.plan.paths import Layout
 

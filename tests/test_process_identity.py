@@ -13,7 +13,8 @@ from dataclasses import replace
 import psutil
 import pytest
 
-from qlink.runtime.process import AdoptVerdict, ProcessIdentity, adopt, read_cmdline, read_stat
+from qlink.runtime.process import AdoptVerdict, ProcessIdentity, adopt
+from qlink.runtime.procfs import read_cmdline, read_stat
 
 # An argument with a space and an empty one: the command line is compared item by item.
 ARGV = (sys.executable, "-c", "import time; time.sleep(60)", "a b", "")

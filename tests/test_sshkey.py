@@ -19,9 +19,9 @@ def decoded_keys(credential: Path) -> str:
     return base64.b64decode(encoded).decode()
 
 
-def test_the_key_is_made_once_and_its_public_half_is_the_credential(tmp_path: Path) -> None:
+async def test_the_key_is_made_once_and_its_public_half_is_the_credential(tmp_path: Path) -> None:
     layout = Layout.under(tmp_path)
-    assert ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+    assert await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     public = public_key_path(layout.ssh_key).read_text()
     assert public.startswith("ssh-ed25519 ")
     assert decoded_keys(layout.ssh_credential) == public.strip() + "\n"
@@ -29,21 +29,21 @@ def test_the_key_is_made_once_and_its_public_half_is_the_credential(tmp_path: Pa
     assert stat.S_IMODE(layout.ssh_key.parent.stat().st_mode) == 0o700
     private = layout.ssh_key.read_bytes()
 
-    assert not ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+    assert not await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     assert layout.ssh_key.read_bytes() == private
     leftovers = [path.name for path in layout.ssh_key.parent.iterdir() if path.name[0] == "."]
     assert leftovers == []
 
 
-def test_a_lost_or_stale_credential_is_rewritten_from_the_same_key(tmp_path: Path) -> None:
+async def test_a_lost_or_stale_credential_is_rewritten_from_the_same_key(tmp_path: Path) -> None:
     layout = Layout.under(tmp_path)
-    ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+    await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     first = layout.ssh_credential.read_text()
     layout.ssh_credential.unlink()
-    assert ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+    assert await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     assert layout.ssh_credential.read_text() == first
     layout.ssh_credential.write_text("io.systemd.credential:ssh.authorized_keys.root=old\n")
-    assert ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+    assert await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     assert layout.ssh_credential.read_text() == first
 
 
@@ -55,11 +55,11 @@ def test_the_oem_string_has_no_comma_or_newline_for_qemu_to_trip_on() -> None:
     assert base64.b64decode(credential.partition("=")[2]).decode() == keys
 
 
-def test_without_ssh_keygen_the_error_says_what_to_install(
+async def test_without_ssh_keygen_the_error_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     layout = Layout.under(tmp_path)
     with pytest.raises(HostError, match="apt-get install openssh-client"):
-        ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
+        await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     assert not layout.ssh_credential.exists()

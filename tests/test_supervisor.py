@@ -14,10 +14,9 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import itertools
 import random
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,24 +25,17 @@ from unittest import mock
 import pytest
 
 import qlink.supervisor as supervisor_module
-from qlink.errors import LaunchError, PortInUseError, VmError
+from qlink.errors import LaunchError, NotRunning, PortInUseError, VmError
+from qlink.mailbox import LifecycleCommand as CommandName
 from qlink.plan.lab import NodePlan, plan_lab
 from qlink.plan.paths import Layout
-from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
-from qlink.supervisor import (
-    Backoff,
-    CommandName,
-    Hooks,
-    Liveness,
-    MonitorHandle,
-    ProcessHandle,
-    SupervisorSettings,
-    VmRuntime,
-    VmState,
-    VmStatus,
-    VmSupervisor,
-)
+from qlink.policy import Backoff, Liveness, SupervisorSettings, VmStatus
+from qlink.runtime.handles import MonitorHandle
+from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopTimeouts
+from qlink.states import VmState
+from qlink.supervisor import VmSupervisor
 from qlink.topology import RestartPolicy, parse_topology_text
+from tests.fakes import FakeClock, FakeProcess, FakeRuntime, StopCall
 
 T = TypeVar("T")
 
@@ -80,207 +72,7 @@ def node_plan(restart: RestartPolicy) -> NodePlan:
     return plan.nodes["r1"]
 
 
-# --- fakes ---------------------------------------------------------------------------------
-
-
-class FakeClock:
-    """Stands in for the `time` module inside `qlink.supervisor`: still until advanced."""
-
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def time(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class FakeProcess:
-    """A QEMU process whose exit the test triggers. SIGTERM and SIGKILL end it, as they
-    end a QEMU; every signal is recorded."""
-
-    def __init__(self, identity: ProcessIdentity) -> None:
-        self._identity = identity
-        self._exit: asyncio.Future[ExitStatus] = asyncio.get_running_loop().create_future()
-        self.signals: list[signal.Signals] = []
-
-    @property
-    def identity(self) -> ProcessIdentity:
-        return self._identity
-
-    @property
-    def pid(self) -> int:
-        return self._identity.pid
-
-    @property
-    def exited(self) -> bool:
-        return self._exit.done()
-
-    def crash(self, returncode: int | None = 1) -> None:
-        """End the process: 0 is a clean exit, negative a signal, None a non-child's exit."""
-        if not self._exit.done():
-            self._exit.set_result(ExitStatus(returncode))
-
-    async def wait(self) -> ExitStatus:
-        # Shielded, like QemuProcess.wait: a cancelled waiter must not cancel the exit.
-        return await asyncio.shield(self._exit)
-
-    def send_signal(self, signum: signal.Signals) -> None:
-        self.signals.append(signum)
-        if signum in (signal.SIGTERM, signal.SIGKILL):
-            self.crash(-signum)
-
-
-class FakeMonitor:
-    """A QMP connection. `execute` answers at once, or, where `hang(index)` says so, lets
-    its deadline pass and raises `VmError` as `QmpSession.execute` does. Injected events
-    reach whoever listens; `drained()` returns once the listener has handled them all."""
-
-    def __init__(self) -> None:
-        self.commands: list[str] = []
-        self.closed = False
-        self.listens = 0
-        self.hang: Callable[[int], bool] = lambda index: False
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._recorded = asyncio.Condition()
-
-    @property
-    def connected(self) -> bool:
-        return not self.closed
-
-    async def execute(
-        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
-    ) -> Any:
-        index = len(self.commands)
-        self.commands.append(command)
-        async with self._recorded:
-            self._recorded.notify_all()
-        if self.hang(index):
-            try:
-                async with asyncio.timeout(timeout):
-                    await asyncio.get_running_loop().create_future()  # no answer, ever
-            except TimeoutError as error:
-                raise VmError(f"QMP {command} got no answer within {timeout:g} s") from error
-        return {"status": "running", "running": True} if command == "query-status" else {}
-
-    async def unplug(self, device_id: str, timeout: float) -> None:
-        await self.execute("device_del", {"id": device_id}, timeout)
-
-    async def wait_commands(self, count: int) -> None:
-        async with self._recorded:
-            await self._recorded.wait_for(lambda: len(self.commands) >= count)
-
-    @contextlib.contextmanager
-    def listen(self, names: Iterable[str] = ()) -> Iterator[AsyncIterator[dict[str, Any]]]:
-        self.listens += 1
-        yield self._stream()
-
-    async def _stream(self) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            event = await self._events.get()
-            try:
-                yield event
-            finally:
-                # The listener asks for the next event only once it has handled this one.
-                self._events.task_done()
-
-    def inject(self, name: str, **data: Any) -> None:
-        self._events.put_nowait({"event": name, "data": data, "timestamp": {}})
-
-    async def drained(self) -> None:
-        await self._events.join()
-
-    async def close(self) -> None:
-        self.closed = True
-
-
-@dataclass(frozen=True)
-class StopCall:
-    process: ProcessHandle
-    qmp: MonitorHandle | None
-    graceful: bool
-
-
-LaunchOutcome = LaunchError | int | None
-"""None: QEMU comes up. A LaunchError: it is refused. An int: it comes up, but has already
-exited with that return code by the time the supervisor watches it."""
-
-
-class FakeRuntime(VmRuntime):
-    """Launches, adopts, connects and stops fakes, and records every call in order."""
-
-    def __init__(self, script: Iterable[LaunchOutcome] = ()) -> None:
-        self.script = list(script)
-        self.calls: list[str] = []
-        self.launches: list[list[str]] = []
-        self.alive_at_launch: list[list[int]] = []
-        self.processes: list[FakeProcess] = []
-        self.monitors: list[FakeMonitor] = []
-        self.stops: list[StopCall] = []
-        self.gate = asyncio.Event()
-        """Cleared, it holds every launch in STARTING until the test sets it."""
-        self.gate.set()
-        self.adoptable: tuple[AdoptVerdict, FakeProcess | None] = (AdoptVerdict.GONE, None)
-        self.connect_error: VmError | None = None
-        self.stop_error: VmError | None = None
-        self._pids = itertools.count(1000)
-
-    async def launch(
-        self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
-    ) -> tuple[ProcessHandle, MonitorHandle]:
-        self.calls.append("launch")
-        self.launches.append(list(argv))
-        adopted = self.adoptable[1]
-        known = [*self.processes, *([adopted] if adopted is not None else [])]
-        self.alive_at_launch.append([process.pid for process in known if not process.exited])
-        await self.gate.wait()
-        outcome = self.script.pop(0) if self.script else None
-        if isinstance(outcome, LaunchError):
-            raise outcome
-        pid = next(self._pids)
-        process = FakeProcess(ProcessIdentity(pid, float(pid), tuple(argv)))
-        if outcome is not None:
-            process.crash(outcome)
-        monitor = FakeMonitor()
-        self.processes.append(process)
-        self.monitors.append(monitor)
-        return process, monitor
-
-    def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
-        self.calls.append("adopt")
-        return self.adoptable
-
-    async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle:
-        self.calls.append("connect")
-        if self.connect_error is not None:
-            raise self.connect_error
-        monitor = FakeMonitor()
-        self.monitors.append(monitor)
-        return monitor
-
-    async def stop(
-        self,
-        process: ProcessHandle,
-        qmp: MonitorHandle | None,
-        timeouts: StopTimeouts,
-        graceful: bool,
-    ) -> StopStep:
-        self.calls.append("stop")
-        self.stops.append(StopCall(process, qmp, graceful))
-        if self.stop_error is not None:
-            raise self.stop_error
-        assert isinstance(process, FakeProcess)
-        if process.exited:
-            return StopStep.ALREADY_GONE
-        if qmp is None:
-            process.crash(-signal.SIGKILL)
-            return StopStep.SIGKILL
-        process.crash(0)
-        return StopStep.POWERDOWN if graceful else StopStep.QUIT
-
-
-class RecordingHooks(Hooks):
+class RecordingHooks:
     """Keeps a snapshot of the status after every transition, and every process record."""
 
     def __init__(self, refuse_ports: int = 0) -> None:
@@ -295,10 +87,13 @@ class RecordingHooks(Hooks):
     def of(self, state: VmState) -> list[VmStatus]:
         return [status for status in self.history if status.state is state]
 
-    def check_ports(self, plan: NodePlan) -> None:
+    async def check_ports(self, plan: NodePlan) -> None:
         if self.refuse_ports > 0:
             self.refuse_ports -= 1
             raise PortInUseError(40001, "127.0.0.1", "pid 1 (init)")
+
+    async def prepare_files(self, plan: NodePlan) -> None:
+        pass
 
     def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
         self.records.append(identity)
@@ -339,6 +134,18 @@ class Rig:
             return await self.settle(waiter)
         finally:
             waiter.cancel()
+
+    async def session(self) -> MonitorHandle | None:
+        """The QMP session the VM's task uses, asked of the task itself; None unless running."""
+
+        async def own_session(qmp: MonitorHandle, pid: int) -> MonitorHandle:
+            return qmp
+
+        try:
+            session: MonitorHandle = await self.settle(self.supervisor.call(own_session))
+        except NotRunning:
+            return None
+        return session
 
     async def command(self, name: CommandName, graceful: bool = True) -> VmStatus:
         return await self.settle(self.supervisor.submit(name, graceful))
@@ -435,14 +242,14 @@ def test_backoff_after_very_many_failures_is_the_cap() -> None:
 async def test_a_start_goes_through_starting_to_running() -> None:
     async with supervised(want_running=False) as rig:
         assert rig.supervisor.status.state is STOPPED
-        assert rig.supervisor.qmp is None
+        assert await rig.session() is None
         status = await rig.command("start")
         process, monitor = rig.runtime.processes[0], rig.runtime.monitors[0]
         assert (status.state, status.pid) == (RUNNING, process.pid)
         assert rig.hooks.states == [STARTING, RUNNING]
         assert rig.runtime.launches == [ARGV]
         assert rig.hooks.records == [process.identity]
-        assert rig.supervisor.qmp is monitor
+        assert await rig.session() is monitor
         assert status.started_at == rig.clock.now
         assert (status.restarts, status.failures, status.last_error) == (0, 0, None)
 
@@ -712,7 +519,7 @@ async def test_a_restart_stops_gracefully_then_relaunches_the_same_argv() -> Non
         assert rig.runtime.launches == [ARGV, ARGV]
         assert rig.runtime.alive_at_launch[1] == []  # the old QEMU was gone first
         assert first_monitor.closed
-        assert rig.supervisor.qmp is rig.runtime.monitors[1]
+        assert await rig.session() is rig.runtime.monitors[1]
         assert rig.hooks.states == [STARTING, RUNNING, STOPPING, STARTING, RUNNING]
         assert rig.hooks.records == [first.identity, None, second.identity]
         assert (status.restarts, status.failures) == (1, 0)
@@ -829,7 +636,7 @@ async def test_an_adopted_vm_runs_with_its_pid_and_no_launch() -> None:
         assert runtime.calls == ["adopt", "connect"]
         assert rig.hooks.states == [RUNNING]
         assert rig.hooks.records == []  # the record that led here stays as it is
-        assert rig.supervisor.qmp is runtime.monitors[0]
+        assert await rig.session() is runtime.monitors[0]
         assert (adopted.signals, adopted.exited) == ([], False)
 
 

@@ -19,15 +19,40 @@ from typing import Any
 
 from aiohttp import web
 
-from qlink.api.capture import capture
 from qlink.api.consoles import add_console_routes
 from qlink.api.logs import logs_route
+from qlink.api.streams import capture_route, events_route
 from qlink.daemon import Daemon
-from qlink.errors import ConfigError, ControlError, QlinkError
+from qlink.errors import (
+    ConfigError,
+    Conflict,
+    Forbidden,
+    HostError,
+    Invalid,
+    LaunchError,
+    NotFound,
+    QlinkError,
+    QmpCommandError,
+    VmError,
+)
 
 API = "/v1"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# The one place that turns the core's errors into HTTP statuses; the first match wins.
+STATUS_OF: tuple[tuple[type[QlinkError], int], ...] = (
+    (ConfigError, 400),
+    (Invalid, 400),
+    (Forbidden, 403),
+    (NotFound, 404),
+    (Conflict, 409),
+    (HostError, 409),
+    (QmpCommandError, 422),
+    (LaunchError, 500),
+    (VmError, 500),
+)
 
 
 def _error_body(error: QlinkError) -> tuple[int, dict[str, Any]]:
@@ -37,9 +62,11 @@ def _error_body(error: QlinkError) -> tuple[int, dict[str, Any]]:
             for i in error.issues
         ]
         return 400, {"error": "invalid topology", "issues": issues}
-    if isinstance(error, ControlError):
-        return error.status, {"error": str(error), "hint": error.hint}
-    return 409, {"error": str(error)}
+    status = next((code for kind, code in STATUS_OF if isinstance(error, kind)), 409)
+    body: dict[str, Any] = {"error": str(error)}
+    if isinstance(error, QmpCommandError):
+        body["error_class"] = error.error_class
+    return status, body
 
 
 @web.middleware
@@ -76,7 +103,18 @@ async def _stream(
 
 def build_app(daemon: Daemon) -> web.Application:
     routes = web.RouteTableDef()
+    _lab_routes(routes, daemon)
+    _node_routes(routes, daemon)
+    app = web.Application(middlewares=[errors_as_json])
+    app.add_routes(routes)
+    add_console_routes(app, daemon)  # GET .../console (WebSocket), and the streams' shutdown
+    app.router.add_get(API + "/nodes/{node:.+}/logs", logs_route)
+    app.router.add_get(API + "/captures/{endpoint:.+}", capture_route)
+    app.router.add_get(API + "/events", events_route)
+    return app
 
+
+def _lab_routes(routes: web.RouteTableDef, daemon: Daemon) -> None:
     @routes.get(f"{API}/status")
     async def status(request: web.Request) -> web.StreamResponse:
         return web.json_response({"nodes": daemon.status()})
@@ -88,16 +126,16 @@ def build_app(daemon: Daemon) -> web.Application:
     @routes.get(f"{API}/labs")
     async def labs(request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {"labs": [{"name": n, "source": r.plan.source, "nodes": sorted(r.plan.nodes)}
-                      for n, r in sorted(daemon.labs.items())]}
+            {"labs": [{"name": lab.name, "source": lab.plan.source, "nodes": list(lab.plan.nodes)}
+                      for lab in daemon.labs]}
         )  # fmt: skip
 
     @routes.post(f"{API}/labs")
     async def up(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("text"), str):
-            raise ControlError('body must be {"source": PATH, "text": YAML}', status=400)
-        lab = daemon.parse(body["text"], str(body.get("source", "<request>")))
+            raise Invalid('body must be {"source": PATH, "text": YAML}')
+        lab = await daemon.parse(body["text"], str(body.get("source", "<request>")))
         dry_run = request.query.get("dry_run", "0") not in ("0", "false", "")
         return await _stream(request, daemon.up(lab, dry_run=dry_run))
 
@@ -105,6 +143,8 @@ def build_app(daemon: Daemon) -> web.Application:
     async def down(request: web.Request) -> web.StreamResponse:
         return await _stream(request, daemon.down(request.match_info["lab"]))
 
+
+def _node_routes(routes: web.RouteTableDef, daemon: Daemon) -> None:
     @routes.post(API + "/nodes/{node:.+}/{verb:start|stop|restart}")
     async def node_verb(request: web.Request) -> web.StreamResponse:
         graceful = request.query.get("force", "0") in ("0", "false", "")
@@ -124,36 +164,10 @@ def build_app(daemon: Daemon) -> web.Application:
     async def qmp(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if not isinstance(body, dict) or not isinstance(body.get("execute"), str):
-            raise ControlError('body must be {"execute": COMMAND, "arguments": {...}}', 400)
+            raise Invalid('body must be {"execute": COMMAND, "arguments": {...}}')
         arguments = body.get("arguments") or {}
         result = await daemon.qmp(request.match_info["node"], body["execute"], arguments)
         return web.json_response({"return": result})
-
-    @routes.get(API + "/captures/{endpoint:.+}")
-    async def capture_link(request: web.Request) -> web.StreamResponse:
-        _, supervisor, interface = daemon.find_endpoint(request.match_info["endpoint"])
-        packets = capture(supervisor, interface)
-        first = await anext(packets)  # the pcap header; errors before it are plain replies
-        response = web.StreamResponse(headers={"Content-Type": "application/vnd.tcpdump.pcap"})
-        await response.prepare(request)
-        await response.write(first)
-        seconds = float(request.query.get("seconds", 0)) or None
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    async for chunk in packets:
-                        await response.write(chunk)
-        finally:
-            # Time is up, the client went away (the handler is cancelled) or QEMU did.
-            await packets.aclose()
-        await response.write_eof()
-        return response
-
-    app = web.Application(middlewares=[errors_as_json])
-    app.add_routes(routes)
-    add_console_routes(app, daemon)  # GET .../console (WebSocket)
-    app.router.add_get(API + "/nodes/{node:.+}/logs", logs_route)
-    return app
 
 
 async def serve_api(daemon: Daemon, socket_path: Path, ready: asyncio.Event) -> None:

@@ -36,11 +36,15 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from qlink.errors import ControlError
+from qlink.aio import first_of
+from qlink.errors import Invalid
+from qlink.states import SERVES_QMP
 
 if TYPE_CHECKING:
-    from qlink.daemon import Daemon, LabRuntime
-    from qlink.supervisor import VmStatus, VmSupervisor
+    from qlink.daemon import Daemon
+    from qlink.daemon.labs import LabRuntime
+    from qlink.policy import VmStatus
+    from qlink.supervisor import VmSupervisor
 
 log = structlog.get_logger("qlinkd")
 
@@ -53,13 +57,9 @@ EXIT_NOTICE_WAIT = 2.0
 """After QEMU closes the console, how long to let the supervisor notice that QEMU exited
 before concluding that the same QEMU hung up on us, and reconnecting to it."""
 
-# The supervisor's state, compared by value: importing qlink.supervisor would cost qlinkctl
-# (which imports this module for `console`) the whole runtime stack.
-RUNNING = "running"
-
 
 def _running(status: VmStatus) -> bool:
-    return status.state.value == RUNNING
+    return status.state in SERVES_QMP
 
 
 def _gone_or_replaced(pid: int | None) -> Callable[[VmStatus], bool]:
@@ -136,9 +136,9 @@ class ConsoleHub:
     def __init__(self, runtime: LabRuntime, supervisor: VmSupervisor) -> None:
         self.name = f"{runtime.name}/{supervisor.name}"
         self.supervisor = supervisor
-        # The supervisor's task ends when the node leaves the daemon (down, removed from the
+        # The supervisor retires when the node leaves the daemon (down, removed from the
         # file, qlinkd stopping): then the hub ends its viewers' sessions.
-        self._supervisor_task = runtime.tasks[supervisor.name]
+        self._retired = supervisor.retired
         self._viewers: set[Outbox] = set()
         self._task: asyncio.Task[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -150,7 +150,7 @@ class ConsoleHub:
     @property
     def finished(self) -> bool:
         """The node is gone: a new viewer needs a new hub (the lab may have come back)."""
-        return self._supervisor_task.done()
+        return self._retired.is_set()
 
     @property
     def viewers(self) -> int:
@@ -234,17 +234,10 @@ class ConsoleHub:
 
     async def _until(self, predicate: Callable[[VmStatus], bool]) -> bool:
         """Wait until the node's status satisfies `predicate` (True), or the node is gone."""
-        if self._supervisor_task.done():
+        if self._retired.is_set():
             return False
-        waiter = asyncio.ensure_future(self.supervisor.wait_for(predicate))
-        try:
-            done, _ = await asyncio.wait(
-                {waiter, self._supervisor_task}, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            waiter.cancel()
-            await asyncio.wait({waiter})
-        return waiter in done
+        index, _ = await first_of(self.supervisor.wait_for(predicate), self._retired.wait())
+        return index == 0
 
     async def _serve_connection(self, pid: int | None) -> None:
         path = self.supervisor.plan.paths.console_socket
@@ -375,17 +368,22 @@ async def console_route(request: web.Request) -> web.StreamResponse:
     both ways; text frames from qlinkd are notices."""
     consoles = request.app[CONSOLES]
     # An unknown node is a plain JSON 404 before any upgrade: qlinkctl maps it to exit 2.
-    runtime, supervisor = _daemon(request).find_node(request.match_info["node"])
+    runtime, supervisor = _daemon(request).labs.find_node(request.match_info["node"])
     ws = web.WebSocketResponse(max_msg_size=1 << 20)
     if not ws.can_prepare(request).ok:
-        raise ControlError("the console is a WebSocket: use `qlinkctl console NODE`", 400)
+        raise Invalid("the console is a WebSocket: use `qlinkctl console NODE`")
     with consoles.viewer(runtime, supervisor) as (hub, outbox):
         # Attached and connected before the handshake completes: what the guest prints from
         # the moment the client sees the upgrade reaches it, and its first keys reach QEMU.
         await hub.settled(SETTLE_TIMEOUT)
+        # Said before the handshake completes: a client that sees itself attached can
+        # rely on the daemon having said so.
+        log.info("console_viewer_attached", node=hub.name, viewers=hub.viewers)
+        daemon = _daemon(request)
+        daemon.events.publish("console", lab=runtime.name, node=supervisor.name,
+                              action="attached", viewers=hub.viewers)  # fmt: skip
         await ws.prepare(request)
         consoles.sockets.add(ws)
-        log.info("console_viewer_attached", node=hub.name, viewers=hub.viewers)
         pump = asyncio.get_running_loop().create_task(_pump(ws, outbox))
         try:
             async for message in ws:
@@ -397,6 +395,8 @@ async def console_route(request: web.Request) -> web.StreamResponse:
             consoles.sockets.discard(ws)
             consoles.retire(pump)
             log.info("console_viewer_detached", node=hub.name, viewers=hub.viewers - 1)
+            daemon.events.publish("console", lab=runtime.name, node=supervisor.name,
+                                  action="detached", viewers=hub.viewers - 1)  # fmt: skip
     return ws
 
 

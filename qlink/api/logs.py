@@ -12,7 +12,7 @@ from aiohttp import web
 from asyncinotify import Inotify, Mask
 
 from qlink.api.consoles import CONSOLES, _daemon, _flag
-from qlink.errors import ControlError
+from qlink.errors import Conflict, Invalid
 
 LOG_CHUNK = 1 << 20
 
@@ -117,7 +117,7 @@ async def logs_route(request: web.Request) -> web.StreamResponse:
     the node's console log and QEMU's log; with `follow`, then what they gain, until the
     client leaves or qlinkd stops."""
     consoles = request.app[CONSOLES]
-    _, supervisor = _daemon(request).find_node(request.match_info["node"])
+    _, supervisor = _daemon(request).labs.find_node(request.match_info["node"])
     paths = supervisor.plan.paths
     which = request.query.get("which", "all")
     choices = {
@@ -126,14 +126,14 @@ async def logs_route(request: web.Request) -> web.StreamResponse:
         "qemu": [paths.qemu_log],
     }
     if which not in choices:
-        raise ControlError(f"which= is one of {', '.join(choices)}, not {which!r}", 400)
+        raise Invalid(f"which= is one of {', '.join(choices)}, not {which!r}")
     files = choices[which]
     tail = request.query.get("tail")
     if tail is not None and not tail.isdigit():
-        raise ControlError(f"tail= is a number of lines, not {tail!r}", 400)
+        raise Invalid(f"tail= is a number of lines, not {tail!r}")
     follow = _flag(request.query.get("follow"))
     if follow and not paths.state_dir.is_dir():
-        raise ControlError(f"{supervisor.name} has never run: it has no logs yet", 409)
+        raise Conflict(f"{supervisor.name} has never run: it has no logs yet")
 
     response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
     await response.prepare(request)

@@ -11,12 +11,29 @@ import functools
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from qlink.cli.client import Client
-from qlink.errors import ConfigError, ControlError, DaemonUnreachable, HostError, QlinkError
+from qlink.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    UsageError,
+    client_for,
+)
+from qlink.cli.local import cmd_graph, cmd_host, cmd_plan, cmd_validate
+from qlink.cli.render import (
+    carrier_text,
+    event_line,
+    json_rows,
+    print_status,
+    progress_line,
+    table,
+)
+from qlink.errors import ConfigError, ControlError, DaemonUnreachable, QlinkError
 from qlink.plan.paths import layout_from
 
 # Every command pays for this module's imports before it starts: the daemon verbs (status,
@@ -29,146 +46,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-    from qlink.plan.argv import HostFacts
-    from qlink.topology import Lab
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNREACHABLE = 3
-
-
-class UsageError(QlinkError):
-    """The command line itself is wrong (exit 2)."""
-
-
-def file_exists(path: str) -> bool:
-    return Path(path).is_file()
-
-
-def argv_lines(argv: Sequence[str]) -> str:
-    """An argv as a shell command, one option and its value per line, ready to paste."""
-    import shlex
-
-    from qlink.plan.options import option_groups
-
-    lines = [shlex.quote(argv[0])]
-    lines += [" ".join(shlex.quote(item) for item in group) for group in option_groups(argv)]
-    return " \\\n    ".join(lines)
-
-
-def logs_to_stderr() -> None:
-    """Whatever the planning stack logs (a host probe, say) goes to stderr: stdout is the
-    command's answer, JSON for `-o json`. Only verbs that import that stack call this."""
-    from qlink import logs
-
-    logs.configure(json=False, stream=sys.stderr)
-
-
-def host_facts_for(lab: Lab) -> HostFacts:
-    """Probe the host only when a node leaves the accelerator to qlink."""
-    from qlink.host import describe_host_without_qemu, find_qemu, probe_host
-    from qlink.plan.argv import HostFacts
-
-    if all(node.accel != "auto" for node in lab.nodes.values()):
-        try:
-            return HostFacts(qemu_binary=find_qemu())
-        except HostError:
-            return describe_host_without_qemu()
-    try:
-        return probe_host()
-    except HostError as error:
-        print(f"note: {error}; planning `accel: auto` as tcg", file=sys.stderr)
-        return describe_host_without_qemu()
-
 
 # --- commands -----------------------------------------------------------------------------
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from qlink.topology import load_topology
-
-    logs_to_stderr()
-    lab = load_topology(args.file, file_exists=file_exists)
-    links = len(lab.links)
-    print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
-    return EXIT_OK
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from qlink.plan.argv import build_argv
-    from qlink.plan.lab import plan_lab
-    from qlink.plan.render import lab_document, node_document
-    from qlink.state import load_allocations
-    from qlink.topology import load_topology
-
-    logs_to_stderr()
-    lab = load_topology(args.file)
-    layout = layout_from(args.root)
-    plan, _ = plan_lab(lab, layout, load_allocations(layout))
-    host = host_facts_for(lab)
-    if args.node is not None and args.node not in plan.nodes:
-        raise UsageError(f"no node {args.node!r} in {args.file} (nodes: {', '.join(plan.nodes)})")
-    if args.output == "json":
-        document: Any = (
-            node_document(plan.nodes[args.node], host) if args.node else lab_document(plan, host)
-        )
-        print(json.dumps(document, indent=2))
-        return EXIT_OK
-    names = [args.node] if args.node else list(plan.nodes)
-    for index, name in enumerate(names):
-        if len(names) > 1:
-            print(f"{'' if index == 0 else chr(10)}# {lab.name}/{name}")
-        print(argv_lines(build_argv(plan.nodes[name], host)))
-    return EXIT_OK
-
-
-def cmd_host(args: argparse.Namespace) -> int:
-    """What qlink knows of this host, and why `accel: auto` means KVM or TCG here."""
-    from qlink.host import host_report
-
-    logs_to_stderr()
-    report = host_report(refresh=args.refresh)
-    if args.output == "json":
-        print(json.dumps(report.as_dict(), indent=2))
-        return EXIT_OK
-    facts = report.as_dict()
-    probed = "cached, probed" if report.cached else "probed just now,"
-    rows = [
-        ("qemu", f"{facts['qemu']} ({facts['qemu_version']})"),
-        ("kernel", f"{facts['kernel']} (boot {facts['boot_id']})"),
-        ("kvm", "usable" if report.kvm_usable else "not usable"),
-        ("why", report.kvm_reason),
-        ("accel: auto", f"{facts['accel_auto']}"),
-        ("probe", f"{probed} in {facts['probe_seconds']} s "
-                  f"(-machine {facts['probe_machine']} -cpu {facts['probe_cpu']})"),
-    ]  # fmt: skip
-    width = max(len(name) for name, _ in rows)
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
-    return EXIT_OK
-
-
-def _client(args: argparse.Namespace) -> Client:
-    return Client(layout_from(args.root).control_socket)
-
-
-def _progress_line(event: dict[str, Any]) -> str | None:
-    kind = event.get("event")
-    if kind == "plan":
-        verbs = [verb for verb in ("start", "restart", "replug", "remove") if event.get(verb)]
-        lines = [f"{event['lab']}: " + (
-            "; ".join(f"{verb} {', '.join(event[verb])}" for verb in verbs)
-            or "nothing to change")]  # fmt: skip
-        for verb in verbs:
-            lines += [f"  {verb} {node}: {why}" for node, why in event[verb].items()]
-        return "\n".join(lines)
-    if kind == "node_state":
-        detail = f" (pid {event['pid']})" if event.get("pid") else ""
-        if event.get("last_error") and event["state"] in ("backoff", "failed"):
-            detail += f": {event['last_error'].splitlines()[0]}"
-        return f"  {event['node']}: {event['state']}{detail}"
-    return None
 
 
 def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
@@ -178,7 +57,7 @@ def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
     last: dict[str, Any] = {}
     for event in events:
         last = event
-        line = _progress_line(event)
+        line = progress_line(event)
         if show and line:
             # A dry run's plan is its answer (stdout); elsewhere progress is commentary.
             print(line, file=sys.stdout if dry_run else sys.stderr, flush=True)
@@ -191,27 +70,27 @@ def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from qlink.sourcefile import read_topology_text
+
     path = Path(args.file).resolve()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise UsageError(f"cannot read {args.file}: {error.strerror}") from error
+    # The same checks as `validate` (size, encoding), located, before the daemon is asked.
+    text = read_topology_text(path)
     query = "?dry_run=1" if args.dry_run else ""
     request = {"source": str(path), "text": text}
     if args.dry_run:
         args.verbose = True  # the plan is the whole answer of a dry run
-    code = _follow(args, _client(args).stream("POST", f"/labs{query}", request))
+    code = _follow(args, client_for(args).stream("POST", f"/labs{query}", request))
     if code == EXIT_OK and args.output == "text" and not args.dry_run:
-        _print_status(_client(args).get("/status")["nodes"], only_lab=None)
+        print_status(client_for(args).get("/status")["nodes"], only_lab=None)
     return code
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    return _follow(args, _client(args).stream("DELETE", f"/labs/{args.lab}"))
+    return _follow(args, client_for(args).stream("DELETE", f"/labs/{args.lab}"))
 
 
 def cmd_node_verb(args: argparse.Namespace) -> int:
-    client = _client(args)
+    client = client_for(args)
     suffix = "?force=1" if getattr(args, "force", False) else ""
     for node in args.nodes:
         result = client.post(f"/nodes/{node}/{args.command}{suffix}")
@@ -220,69 +99,24 @@ def cmd_node_verb(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    seconds = int(seconds)
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d{hours}h"
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
-             for row in (headers, *rows)]  # fmt: skip
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def _print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
-    rows = [
-        [
-            node["lab"], node["node"], node["state"], node.get("accel") or "-",
-            str(node["pid"] or "-"),
-            _duration(node["uptime"]), str(node["restarts"]), node["ssh"] or "-",
-            " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
-        ]
-        for node in nodes
-        if only_lab in (None, node["lab"])
-    ]  # fmt: skip
-    if not rows:
-        print("no labs are up")
-        return
-    headers = ["LAB", "NODE", "STATE", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"]
-    print(table(headers, rows))
-
-
-def json_rows(rows: list[dict[str, Any]]) -> str:
-    """A JSON array with one row per line: greppable, and fast (C encoder, no `indent`),
-    which counts for `status` of a big lab."""
-    return "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]" if rows else "[]"
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    nodes = _client(args).get("/status")["nodes"]
+    nodes = client_for(args).get("/status")["nodes"]
     if args.output == "json":
         print(json_rows(nodes))
     else:
-        _print_status(nodes, args.lab)
+        print_status(nodes, args.lab)
     return EXIT_OK
 
 
 def cmd_links(args: argparse.Namespace) -> int:
-    links = _client(args).get("/links")["links"]
+    links = client_for(args).get("/links")["links"]
     if args.output == "json":
         print(json_rows(links))
         return EXIT_OK
     rows = [
         [link["lab"], link["a"]["endpoint"], str(link["a"]["port"]), link["a"]["mac"],
          link["b"]["endpoint"], str(link["b"]["port"]), link["b"]["mac"], link["admin"],
-         _carrier_text(link)]
+         carrier_text(link)]
         for link in links
     ]  # fmt: skip
     if not rows:
@@ -291,11 +125,6 @@ def cmd_links(args: argparse.Namespace) -> int:
     headers = ["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC", "ADMIN", "CARRIER"]
     print(table(headers, rows))
     return EXIT_OK
-
-
-def _carrier_text(link: dict[str, Any]) -> str:
-    a, b = link["a"]["carrier"], link["b"]["carrier"]
-    return a if a == b else f"{link['a']['endpoint']} {a}, {link['b']['endpoint']} {b}"
 
 
 def cmd_qmp(args: argparse.Namespace) -> int:
@@ -308,7 +137,7 @@ def cmd_qmp(args: argparse.Namespace) -> int:
             arguments[key] = json.loads(value)
         except json.JSONDecodeError:
             arguments[key] = value
-    reply = _client(args).post(
+    reply = client_for(args).post(
         f"/nodes/{args.node}/qmp", {"execute": args.command_name, "arguments": arguments}
     )
     result = reply["return"]
@@ -319,7 +148,7 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 def cmd_capture(args: argparse.Namespace) -> int:
     """Copy the pcap stream to a file or stdout until Ctrl-C, --seconds or --bytes."""
     query = f"?seconds={args.seconds:g}" if args.seconds else ""
-    response = _client(args).raw_stream(f"/captures/{args.endpoint}{query}")
+    response = client_for(args).raw_stream(f"/captures/{args.endpoint}{query}")
     sink = sys.stdout.buffer if args.write == "-" else Path(args.write).open("wb")  # noqa: SIM115
     written = 0
     try:
@@ -352,7 +181,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     query = [f"which={args.only or 'all'}"]
     query += ["follow=1"] if args.follow else []
     query += [f"tail={args.tail}"] if args.tail is not None else []
-    response = _client(args).raw_stream(f"/nodes/{args.node}/logs?{'&'.join(query)}")
+    response = client_for(args).raw_stream(f"/nodes/{args.node}/logs?{'&'.join(query)}")
     try:
         while chunk := response.read1(65536):
             sys.stdout.buffer.write(chunk)
@@ -364,91 +193,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:
-    """The lab as Graphviz DOT: a box per node, an edge per cable labelled with its ports;
-    a cable that is cut is red and dashed, one whose carrier is down is grey and dotted."""
-
-    def quoted(text: str) -> str:
-        # Names are allow-listed (no quotes, no backslashes); a label's \n is DOT's newline.
-        return f'"{text}"'
-
-    lines = [
-        f"graph {quoted(lab)} {{",
-        "  graph [overlap=false, splines=true];",
-        '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname=Helvetica];',
-        "  edge [fontname=Helvetica, fontsize=9];",
-    ]
-    for name, state in nodes.items():
-        fill = "" if state in ("running", "") else ', fillcolor="#f6dada"'
-        label = name if state in ("running", "") else f"{name}\\n({state})"
-        lines.append(f"  {quoted(name)} [label={quoted(label)}{fill}];")
-    for link in links:
-        a_node, a_if = link["a"]["endpoint"].split(":")
-        b_node, b_if = link["b"]["endpoint"].split(":")
-        style = ""
-        if link.get("admin") == "down":
-            style = ', color="#c0392b", style=dashed'
-        elif any(end.get("carrier", "up") != "up" for end in (link["a"], link["b"])):
-            style = ', color="#999999", style=dotted'
-        lines.append(
-            f"  {quoted(a_node)} -- {quoted(b_node)} "
-            f"[taillabel={quoted(a_if)}, headlabel={quoted(b_if)}{style}];"
-        )
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    """DOT always; SVG/PNG/PDF through graphviz's `dot` when it is installed."""
-    import subprocess
-
-    source = Path(args.lab)
-    if source.suffix in (".yaml", ".yml") or source.is_file():
-        from qlink.topology import load_topology
-
-        logs_to_stderr()
-        lab = load_topology(source)
-        name = lab.name
-        links = [{"a": {"endpoint": str(link.endpoints[0])},
-                  "b": {"endpoint": str(link.endpoints[1])}} for link in lab.links]  # fmt: skip
-        nodes = dict.fromkeys(lab.nodes, "")
-    else:
-        client = _client(args)
-        name = args.lab
-        links = [row for row in client.get("/links")["links"] if row["lab"] == name]
-        nodes = {row["node"]: row["state"] for row in client.get("/status")["nodes"]
-                 if row["lab"] == name}  # fmt: skip
-        if not nodes:
-            raise UsageError(f"no lab {name!r} is up (give a topology file to draw it anyway)")
-    dot = graph_dot(name, links, nodes)
-    if args.output in (None, "-") or args.output.endswith(".dot"):
-        if args.output in (None, "-"):
-            print(dot, end="")
-        else:
-            Path(args.output).write_text(dot)
-        return EXIT_OK
-    image_format = Path(args.output).suffix.lstrip(".")
-    dot_binary = shutil.which("dot")
-    if dot_binary is None:
-        raise UsageError(
-            f"drawing {image_format.upper()} needs graphviz (apt-get install graphviz); "
-            "without it, write DOT: -o FILE.dot"
-        )
-    result = subprocess.run(
-        [dot_binary, f"-T{image_format}", "-o", args.output],
-        input=dot, text=True, capture_output=True, check=False, timeout=60,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise QlinkError(f"dot failed: {result.stderr.strip()}")
-    print(f"{args.output}: {len(nodes)} nodes, {len(links)} links", file=sys.stderr)
-    return EXIT_OK
-
-
 def cmd_ssh(args: argparse.Namespace) -> int:
     """ssh to the node's management NIC: user-mode networking forwards a loopback port."""
     lab_name, _, node_name = args.node.rpartition("/")
     rows = [
-        row for row in _client(args).get("/status")["nodes"]
+        row for row in client_for(args).get("/status")["nodes"]
         if row["node"] == node_name and lab_name in ("", row["lab"])
     ]  # fmt: skip
     if len(rows) != 1:
@@ -476,9 +225,29 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     os.execv(ssh, argv)
 
 
+def cmd_events(args: argparse.Namespace) -> int:
+    """What happens in the daemon, as it happens, until Ctrl-C (or --count events)."""
+    query = f"?lab={args.lab}" if args.lab else ""
+    seen = 0
+    try:
+        for event in client_for(args).stream("GET", f"/events{query}"):
+            if event.get("event") == "subscribed":
+                continue
+            line = json.dumps(event) if args.output == "json" else event_line(event)
+            if line is None:
+                continue
+            print(line, flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
 def cmd_link(args: argparse.Namespace) -> int:
-    row = _client(args).post(f"/links/{args.endpoint}/{args.state}")
-    print(f"{row['link']}: admin {row['admin']}, carrier {_carrier_text(row)}")
+    row = client_for(args).post(f"/links/{args.endpoint}/{args.state}")
+    print(f"{row['link']}: admin {row['admin']}, carrier {carrier_text(row)}")
     return EXIT_OK
 
 
@@ -525,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     host.set_defaults(handler=cmd_host)
 
     _add_daemon_verbs(commands)
+    _add_operating_verbs(commands)
     _add_console_verbs(commands)
     return parser
 
@@ -577,6 +347,22 @@ def _add_daemon_verbs(commands: Any) -> None:
     links.add_argument("-o", "--output", choices=("text", "json"), default="text")
     links.set_defaults(handler=cmd_links)
 
+    for verb, text in (
+        ("start", "start nodes (clears a failed state)"),
+        ("stop", "stop nodes: ACPI power-down, then quit, then signals"),
+        ("restart", "replace nodes' QEMU; peers are not touched"),
+    ):
+        command = commands.add_parser(verb, help=text)
+        command.add_argument("nodes", nargs="+", metavar="NODE", help="NODE or LAB/NODE")
+        if verb != "start":
+            command.add_argument(
+                "--force", action="store_true", help="skip the ACPI power-down: quit at once"
+            )
+        command.set_defaults(handler=cmd_node_verb)
+
+
+def _add_operating_verbs(commands: Any) -> None:
+    """Verbs that act on a running lab's cables and VMs, or watch them."""
     link = commands.add_parser("link", help="cut or restore a cable: both ends lose carrier")
     link.add_argument("state", choices=("down", "up"))
     link.add_argument("endpoint", metavar="NODE:IF", help="either end, NODE:IF or LAB/NODE:IF")
@@ -606,24 +392,19 @@ def _add_daemon_verbs(commands: Any) -> None:
     )
     graph.set_defaults(handler=cmd_graph)
 
+    events = commands.add_parser(
+        "events", help="follow what happens: node states, carrier, cables, labs (Ctrl-C ends)"
+    )
+    events.add_argument("lab", nargs="?", help="only this lab's events")
+    events.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    events.add_argument("-n", "--count", type=int, metavar="N", help="stop after N events")
+    events.set_defaults(handler=cmd_events)
+
     qmp = commands.add_parser("qmp", help="run a QMP command through qlinkd")
     qmp.add_argument("node", metavar="NODE")
     qmp.add_argument("command_name", metavar="COMMAND")
     qmp.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
     qmp.set_defaults(handler=cmd_qmp)
-
-    for verb, text in (
-        ("start", "start nodes (clears a failed state)"),
-        ("stop", "stop nodes: ACPI power-down, then quit, then signals"),
-        ("restart", "replace nodes' QEMU; peers are not touched"),
-    ):
-        command = commands.add_parser(verb, help=text)
-        command.add_argument("nodes", nargs="+", metavar="NODE", help="NODE or LAB/NODE")
-        if verb != "start":
-            command.add_argument(
-                "--force", action="store_true", help="skip the ACPI power-down: quit at once"
-            )
-        command.set_defaults(handler=cmd_node_verb)
 
 
 def _fail(message: str, code: int, hint: str | None = None) -> int:
@@ -660,6 +441,9 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> NoReturn:
+    # Ctrl-C must end `logs -f`, `capture`, `events` at once, even when qlinkctl was started
+    # from a shell that ignores SIGINT for its background jobs (children inherit that).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     raise SystemExit(run())
 
 

@@ -41,40 +41,43 @@ STDIN_CHUNKS = 64
 """Chunks read from stdin ahead of the WebSocket; past that, stdin is left unread a while."""
 
 
-async def _stdin_chunks(fd: int) -> AsyncIterator[bytes]:
-    """What arrives on stdin, until its end; a terminal, a pipe or a plain file.
-
-    The read happens in the reader callback, when epoll says the descriptor is readable: a
+class _StdinReader:
+    """stdin's chunks as they arrive, read only when epoll says the descriptor is readable: a
     read after a stale wake-up would block the whole loop (stdin stays in blocking mode, as
-    it is shared with the shell)."""
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes] = asyncio.Queue()
-    reading = False
+    it is shared with the shell). Paused while STDIN_CHUNKS wait to be sent."""
 
-    def on_readable() -> None:
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self.chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        self.reading = False
+
+    def _on_readable(self) -> None:
         try:
-            data = os.read(fd, 65536)
+            data = os.read(self._fd, 65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        chunks.put_nowait(data)
-        if not data or chunks.qsize() >= STDIN_CHUNKS:
-            pause()
+        self.chunks.put_nowait(data)
+        if not data or self.chunks.qsize() >= STDIN_CHUNKS:
+            self.pause()
 
-    def resume() -> None:
-        nonlocal reading
-        loop.add_reader(fd, on_readable)
-        reading = True
+    def resume(self) -> None:
+        self._loop.add_reader(self._fd, self._on_readable)
+        self.reading = True
 
-    def pause() -> None:
-        nonlocal reading
-        if reading:
-            loop.remove_reader(fd)
-            reading = False
+    def pause(self) -> None:
+        if self.reading:
+            self._loop.remove_reader(self._fd)
+            self.reading = False
 
+
+async def _stdin_chunks(fd: int) -> AsyncIterator[bytes]:
+    """What arrives on stdin, until its end; a terminal, a pipe or a plain file."""
+    reader = _StdinReader(fd)
     try:
-        resume()
+        reader.resume()
     except PermissionError:
         # epoll refuses plain files and /dev/null, whose reads never block anyway.
         while data := os.read(fd, 65536):
@@ -82,12 +85,12 @@ async def _stdin_chunks(fd: int) -> AsyncIterator[bytes]:
             await asyncio.sleep(0)
         return
     try:
-        while data := await chunks.get():
+        while data := await reader.chunks.get():
             yield data
-            if not reading and chunks.empty():
-                resume()
+            if not reader.reading and reader.chunks.empty():
+                reader.resume()
     finally:
-        pause()
+        reader.pause()
 
 
 async def _send_input(ws: aiohttp.ClientWebSocketResponse, fd: int) -> None:

@@ -1,5 +1,7 @@
-"""The daemon's core: one task group holding a supervisor task per VM, and the operations
-the control API exposes (up, down, start/stop/restart, status, links).
+"""The daemon's core: it wires the parts together (labs, supervisors, carrier keepers, the
+event stream, records) and carries out the operations the control API exposes. Decisions
+live elsewhere: what `up` changes is `changes.diff_lab`, carrier is `carrier.py`, a VM's
+life is its supervisor's, and every word with a VM's QMP goes through that supervisor.
 
 The daemon is disposable; the VMs are not. Stopping, killing or upgrading qlinkd leaves every
 QEMU running, and the next qlinkd re-adopts them from what is recorded under the root.
@@ -9,408 +11,176 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, ValidationError
 
-from qlink.errors import ControlError, HostError, PortInUseError, QlinkError, VmError
+from qlink.daemon.carrier import CarrierKeeper
+from qlink.daemon.changes import diff_lab
+from qlink.daemon.events import Event, EventBus, Subscription
+from qlink.daemon.hooks import DaemonHooks, check_node_ports
+from qlink.daemon.labs import LabRuntime, Labs
+from qlink.daemon.records import LabRecord, LabStore
+from qlink.daemon.views import link_row, link_rows, status_rows
+from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
-from qlink.plan.options import option_groups
 from qlink.plan.paths import Layout
-from qlink.plan.replug import NicReplug, nic_replug
-from qlink.runtime.process import (
-    CreationWatcher,
-    ProcessIdentity,
-    check_tcp_port_free,
-    check_udp_ports_free,
-    create_overlay,
-    ports_in_use,
-)
-from qlink.runtime.sshkey import ensure_ssh_credential
-from qlink.state import load_allocations, save_allocations, write_json
-from qlink.supervisor import (
-    Hooks,
-    SupervisorSettings,
-    VmRuntime,
-    VmState,
-    VmStatus,
-    VmSupervisor,
-)
-from qlink.topology import Lab, Link, parse_topology_text
+from qlink.plan.replug import NicReplug
+from qlink.policy import SupervisorSettings, VmStatus
+from qlink.runtime.handles import MonitorHandle, Runtime, VmRuntime
+from qlink.runtime.ports import check_udp_ports_free
+from qlink.runtime.ports import ports_in_use as host_ports_in_use
+from qlink.runtime.process import CreationWatcher, ProcessIdentity
+from qlink.state import load_allocations, save_allocations
+from qlink.supervisor import VmSupervisor
+from qlink.topology import Lab, parse_topology_text
 
 log = structlog.get_logger("qlinkd")
 
-
-class LabRecord(BaseModel):
-    """What is kept of a lab under the root: the validated lab and what should run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lab: Lab
-    stopped: list[str] = []
-    """Nodes an operator stopped: they stay stopped across daemon restarts."""
-    links_down: list[str] = []
-    """Links an operator cut (`qlinkctl link down`), by `Link.key`; kept across restarts."""
+NODE_VERBS = ("start", "stop", "restart")
+CARRIER_SETTLE_TIMEOUT = 5.0
+_capture_serial = itertools.count(1)
 
 
-class ProcessRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    pid: int
-    start_time: float
-    argv: list[str]
-
-
-@dataclass
-class LabRuntime:
-    record: LabRecord
-    plan: LabPlan
-    supervisors: dict[str, VmSupervisor] = field(default_factory=dict)
-    tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
-    # Carrier changes are computed and applied one at a time per lab, so that the last
-    # application always reflects the latest node states.
-    carrier_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    # The carrier each NIC has, by (node, interface): the PID of the QEMU that has it, and
-    # up or not. A QEMU starts with every link up, so a pass sends set_link only where the
-    # carrier must change: in a lab coming up, a link whose two ends run costs no command.
-    # Keyed by PID, so what a replaced QEMU was told never stands for its successor; a QEMU
-    # adopted from an earlier qlinkd (which may have cut links) is unknown: every end is set.
-    carriers: dict[tuple[str, str], tuple[int, bool]] = field(default_factory=dict)
-    launching: set[str] = field(default_factory=set)
-    """Nodes whose next RUNNING is a QEMU this qlinkd started, with every link up."""
-
-    @property
-    def name(self) -> str:
-        return self.plan.name
-
-    def running(self, node: str) -> bool:
-        supervisor = self.supervisors.get(node)
-        return supervisor is not None and supervisor.status.state == VmState.RUNNING
-
-    def carrier(self, link: Link, node: str) -> tuple[bool, str]:
-        """Whether `node`'s end of `link` should have carrier, and why not."""
-        if link.key in self.record.links_down:
-            return False, "down (admin)"
-        interface = next(end.interface for end in link.endpoints if end.node == node)
-        peer = link.peer_of(node, interface)
-        if self.record.lab.carrier_follows_peer and not self.running(peer.node):
-            return False, f"down ({peer.node} not running)"
-        return True, "up"
-
-    def note_state(self, plan: NodePlan, status: VmStatus) -> None:
-        """Learn a fresh QEMU's carriers (all up) from the transitions that start it."""
-        if status.state == VmState.STARTING:
-            self.launching.add(plan.name)
-            return
-        if status.state == VmState.RUNNING and plan.name in self.launching and status.pid:
-            for nic in plan.nics:
-                self.carriers[(plan.name, nic.interface)] = (status.pid, True)
-        self.launching.discard(plan.name)
-
-
-def _process_file(plan: NodePlan) -> Path:
-    return plan.paths.state_dir / "process.json"
-
-
-@dataclass
-class LabChange:
-    """Node name → why, for each thing `up` will do."""
-
-    start: dict[str, str] = field(default_factory=dict)
-    restart: dict[str, str] = field(default_factory=dict)
-    remove: dict[str, str] = field(default_factory=dict)
-    replug: dict[str, NicReplug] = field(default_factory=dict)
-    """Running nodes that only gain or lose links: NIC hotplug, no restart."""
-
-    def as_dict(self) -> dict[str, dict[str, str]]:
-        return {
-            "start": dict(sorted(self.start.items())),
-            "restart": dict(sorted(self.restart.items())),
-            "remove": dict(sorted(self.remove.items())),
-            "replug": {name: self.replug[name].describe() for name in sorted(self.replug)},
-        }
-
-
-def _argv_difference(old: list[str], new: list[str]) -> str:
-    """The options that differ, as `-m 256M → -m 512M`, `+ -netdev ...`, `- -device ...`."""
-
-    before = [" ".join(group) for group in option_groups(old)]
-    after = [" ".join(group) for group in option_groups(new)]
-    removed = [item for item in before if item not in after]
-    added = [item for item in after if item not in before]
-    parts = [f"- {item}" for item in removed] + [f"+ {item}" for item in added]
-    return "; ".join(parts) if parts else "option order changed"
-
-
-class Daemon(Hooks):
-    """Everything qlinkd does, callable from the control API and from tests."""
+class Daemon:
+    """Everything qlinkd does, callable from the control API and from tests. `runtime`
+    is the VM runtime supervisors drive; tests pass a fake one."""
 
     def __init__(
-        self, layout: Layout, host: HostFacts, settings: SupervisorSettings | None = None
+        self,
+        layout: Layout,
+        host: HostFacts,
+        settings: SupervisorSettings | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.layout = layout
         self.host = host
         self.settings = settings or SupervisorSettings()
-        self.labs: dict[str, LabRuntime] = {}
+        self.labs = Labs()
+        self.events = EventBus()
+        self.store = LabStore(layout)
+        self.hooks = DaemonHooks(layout, self.store, self.events, self.labs)
+        self._runtime = runtime
         self._group: asyncio.TaskGroup | None = None
-        self._subscribers: set[asyncio.Queue[dict[str, Any]]] = set()
         # One `up`/`down` at a time: each plans against the allocations the last one left.
         self._lab_lock = asyncio.Lock()
-        self._runtime = VmRuntime()
-
-    # --- Hooks: what supervisors ask of the daemon --------------------------------------
-
-    def check_ports(self, plan: NodePlan) -> None:
-        for nic in plan.nics:
-            check_udp_ports_free(nic.local_address, [nic.local_port])
-        if plan.mgmt is not None:
-            check_tcp_port_free(plan.mgmt.host_address, plan.mgmt.ssh_port)
-
-    def prepare_files(self, plan: NodePlan) -> None:
-        if plan.node.image is not None and create_overlay(
-            Path(plan.node.image), plan.paths.overlay
-        ):
-            log.info("overlay_created", node=plan.name, overlay=str(plan.paths.overlay))
-        if plan.mgmt is not None and ensure_ssh_credential(
-            self.layout.ssh_key, plan.mgmt.ssh_credential
-        ):
-            log.info("ssh_key_ready", key=str(self.layout.ssh_key))
-
-    def record_process(self, plan: NodePlan, identity: ProcessIdentity | None) -> None:
-        path = _process_file(plan)
-        if identity is None:
-            path.unlink(missing_ok=True)
-            return
-        record = ProcessRecord(
-            pid=identity.pid, start_time=identity.start_time, argv=list(identity.argv)
-        )
-        # Not durable (no fsync, which cost ~8 ms per launch on the event loop): the record is
-        # for a qlinkd that died, and the page cache outlives it; a power loss takes the VM
-        # with it, and a missing or stale record only means that VM is not adopted.
-        write_json(path, record.model_dump(), durable=False)
-
-    def state_changed(self, plan: NodePlan, status: VmStatus) -> None:
-        update = {"event": "node_state", "lab": plan.lab, "node": plan.name, **status.as_dict()}
-        for queue in self._subscribers:
-            queue.put_nowait(update)
-        runtime = self.labs.get(plan.lab)
-        if runtime is not None:
-            runtime.note_state(plan, status)
-        if runtime is not None and self._group is not None and status.state in (
-            VmState.RUNNING, VmState.STOPPING, VmState.BACKOFF, VmState.FAILED, VmState.STOPPED,
-        ):  # fmt: skip
-            self._group.create_task(
-                self._apply_carrier(runtime, plan.name), name=f"carrier:{plan.lab}/{plan.name}"
-            )
-
-    async def _apply_carrier(self, runtime: LabRuntime, node: str) -> None:
-        """Give every end of `node`'s links the carrier it should have now, where it has
-        another: its own ends (a QEMU that just started has every link up) and its peers'
-        (they follow it)."""
-        async with runtime.carrier_lock:
-            for link in runtime.record.lab.links:
-                if not any(end.node == node for end in link.endpoints):
-                    continue
-                for end in link.endpoints:
-                    await self._set_carrier(runtime, link, end.node, end.interface)
-
-    async def _set_carrier(
-        self, runtime: LabRuntime, link: Link, node: str, interface: str
-    ) -> None:
-        supervisor = runtime.supervisors.get(node)
-        qmp = supervisor.qmp if supervisor is not None else None
-        pid = supervisor.status.pid if supervisor is not None else None
-        if qmp is None or pid is None:
-            return  # not running: it gets its carrier when it starts
-        up, reason = runtime.carrier(link, node)
-        if runtime.carriers.get((node, interface)) == (pid, up):
-            return  # that QEMU's NIC has it already
-        netdev = runtime.plan.nodes[node].nic(interface).netdev_id
-        try:
-            # set_link on the netdev takes the backend down and tells the NIC, so the guest
-            # sees carrier loss (virtio-net link status) and no frame passes either way.
-            await qmp.execute("set_link", {"name": netdev, "up": up})
-        except VmError as error:
-            runtime.carriers.pop((node, interface), None)  # unknown now: the next pass sets it
-            log.warning("carrier_not_set", node=node, interface=interface, error=str(error))
-            return
-        runtime.carriers[(node, interface)] = (pid, up)
-        log.info("carrier_set", lab=runtime.name, node=node, interface=interface, up=up,
-                 reason=reason)  # fmt: skip
-
-    async def set_link(self, reference: str, up: bool) -> dict[str, Any]:
-        """`link down|up NODE:IF` (or `LAB/NODE:IF`): a cut cable, both ends, remembered."""
-        runtime, supervisor, interface = self.find_endpoint(reference)
-        link = runtime.record.lab.link_of(supervisor.name, interface)
-        if link is None:
-            raise ControlError(f"{supervisor.name} has no interface {interface!r}", status=404)
-        down = set(runtime.record.links_down)
-        down.discard(link.key) if up else down.add(link.key)
-        runtime.record = runtime.record.model_copy(update={"links_down": sorted(down)})
-        self._save_record(runtime)
-        async with runtime.carrier_lock:
-            for end in link.endpoints:
-                await self._set_carrier(runtime, link, end.node, end.interface)
-        log.info("link_admin", lab=runtime.name, link=link.key, up=up)
-        return self._link_row(runtime, link)
-
-    @contextlib.contextmanager
-    def subscribe(self) -> Iterator[asyncio.Queue[dict[str, Any]]]:
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self._subscribers.add(queue)
-        try:
-            yield queue
-        finally:
-            self._subscribers.discard(queue)
 
     # --- life cycle ---------------------------------------------------------------------
 
     async def serve(self, ready: Callable[[], None] | None = None) -> None:
         """Adopt what runs, then run supervisors until cancelled (the VMs stay up)."""
-        watcher = CreationWatcher()
-        self._runtime = VmRuntime(watcher)
-        async with asyncio.TaskGroup() as group:
-            self._group = group
-            dispatcher = group.create_task(watcher.run(), name="inotify")
-            try:
-                self._restore_labs()
-                # Serve only once every VM left by a previous qlinkd is adopted (or known
-                # gone): a `status` must never show a running VM as stopped.
-                for runtime in self.labs.values():
-                    for supervisor in runtime.supervisors.values():
-                        await supervisor.settled.wait()
-                if ready is not None:
-                    ready()
-                await asyncio.Future()  # until cancelled
-            finally:
-                for runtime in self.labs.values():
-                    for task in runtime.tasks.values():
-                        task.cancel()
-                dispatcher.cancel()
-                self._group = None
-        watcher.close()
+        watcher = CreationWatcher() if self._runtime is None else None
+        if watcher is not None:
+            self._runtime = VmRuntime(watcher)
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                dispatcher = group.create_task(watcher.run()) if watcher is not None else None
+                try:
+                    self._restore_labs()
+                    # Serve only once every VM left by a previous qlinkd is adopted (or known
+                    # gone): a `status` must never show a running VM as stopped.
+                    for lab in self.labs:
+                        for supervisor in lab.supervisors.values():
+                            await supervisor.settled.wait()
+                    if ready is not None:
+                        ready()
+                    await asyncio.Future()  # until cancelled
+                finally:
+                    for lab in self.labs:
+                        for task in lab.tasks_to_end():
+                            task.cancel()
+                    if dispatcher is not None:
+                        dispatcher.cancel()
+                    self._group = None
+        finally:
+            if watcher is not None:
+                watcher.close()
 
     def _restore_labs(self) -> None:
-        labs_dir = self.layout.state_dir / "labs"
-        for lab_file in sorted(labs_dir.glob("*/lab.json")):
-            try:
-                record = LabRecord.model_validate_json(lab_file.read_text())
-            except (OSError, ValidationError) as error:
-                log.error("lab_record_unreadable", path=str(lab_file), error=str(error))
-                continue
+        for record in self.store.saved():
             try:
                 plan, _ = plan_lab(record.lab, self.layout, load_allocations(self.layout))
             except QlinkError as error:
                 log.error("lab_restore_failed", lab=record.lab.name, error=str(error))
                 continue
-            runtime = LabRuntime(record, plan)
-            self.labs[plan.name] = runtime
+            lab = self._add_lab(record, plan)
             for name, node_plan in plan.nodes.items():
-                identity = self._recorded_identity(node_plan)
+                identity = self.store.recorded_process(node_plan)
                 self._spawn_supervisor(
-                    runtime, node_plan, identity, want_running=name not in record.stopped
+                    lab, node_plan, identity, want_running=name not in record.stopped
                 )
             log.info("lab_restored", lab=plan.name, nodes=len(plan.nodes))
 
-    def _recorded_identity(self, plan: NodePlan) -> ProcessIdentity | None:
-        try:
-            record = ProcessRecord.model_validate_json(_process_file(plan).read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValidationError) as error:
-            log.warning("process_record_unreadable", node=plan.name, error=str(error))
-            return None
-        return ProcessIdentity(record.pid, record.start_time, tuple(record.argv))
+    def _add_lab(self, record: LabRecord, plan: LabPlan) -> LabRuntime:
+        assert self._group is not None, "the daemon is not serving"
+        lab = LabRuntime(record, plan)
+        lab.carrier = CarrierKeeper(lab, self.events)
+        lab.carrier_task = self._group.create_task(lab.carrier.run(), name=f"carrier:{plan.name}")
+        self.labs.add(lab)
+        self.events.publish("lab", lab=plan.name, action="up")
+        return lab
 
     def _spawn_supervisor(
-        self,
-        runtime: LabRuntime,
-        plan: NodePlan,
-        identity: ProcessIdentity | None,
-        want_running: bool,
+        self, lab: LabRuntime, plan: NodePlan, identity: ProcessIdentity | None, want_running: bool
     ) -> VmSupervisor:
         assert self._group is not None, "the daemon is not serving"
         supervisor = VmSupervisor(
-            plan, build_argv(plan, self.host), self, settings=self.settings, runtime=self._runtime
-        )
-        runtime.supervisors[plan.name] = supervisor
-        runtime.tasks[plan.name] = self._group.create_task(
-            self._guarded(supervisor, identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
+            plan, build_argv(plan, self.host), self.hooks, settings=self.settings,
+            runtime=self._runtime,
+        )  # fmt: skip
+        lab.supervisors[plan.name] = supervisor
+        # The supervisor's own boundary keeps a bug in it from reaching this group.
+        lab.tasks[plan.name] = self._group.create_task(
+            supervisor.run(identity, want_running), name=f"vm:{plan.lab}/{plan.name}"
         )
         return supervisor
 
-    async def _guarded(
-        self, supervisor: VmSupervisor, identity: ProcessIdentity | None, want_running: bool
-    ) -> None:
-        """One VM's task; a bug in it must fail that VM, never the daemon and every lab."""
-        try:
-            await supervisor.run(identity, want_running)
-        except Exception as error:  # the daemon's own boundary: log it, keep the others
-            log.exception("supervisor_crashed", lab=supervisor.plan.lab, node=supervisor.name)
-            supervisor.status.state = VmState.FAILED
-            supervisor.status.last_error = f"internal error: {error!r}"
-            supervisor.settled.set()
+    # --- labs -------------------------------------------------------------------------
 
-    # --- operations ---------------------------------------------------------------------
-
-    def _save_record(self, runtime: LabRuntime) -> None:
-        write_json(
-            self.layout.lab_state_dir(runtime.name) / "lab.json",
-            runtime.record.model_dump(mode="json"),
+    async def parse(self, text: str, source: str) -> Lab:
+        """Validate a topology off the event loop: no file, however large or hostile, may
+        hold up supervision while it is parsed."""
+        return await asyncio.to_thread(
+            parse_topology_text, text, source, lambda path: Path(path).is_file()
         )
 
-    def parse(self, text: str, source: str) -> Lab:
-        return parse_topology_text(text, source, file_exists=lambda path: Path(path).is_file())
-
-    async def up(self, lab: Lab, dry_run: bool = False) -> AsyncIterator[dict[str, Any]]:
+    async def up(self, lab: Lab, dry_run: bool = False) -> AsyncIterator[Event]:
         """Bring a lab to what its file says; yields progress until every node runs or failed.
 
         All checks (plan, ports) come before anything starts, so a refused `up` changes
-        nothing. On a lab that is up, only nodes whose command line changed are restarted,
-        and nodes gone from the file are stopped; `dry_run` only says what would change.
+        nothing. On a lab that is up, only nodes whose command line changed are restarted
+        (or get NICs plugged), and nodes gone from the file are stopped.
         """
         async with self._lab_lock:
-            previous = load_allocations(self.layout)
-            busy = ports_in_use()
+            busy = await asyncio.to_thread(host_ports_in_use)
             plan, allocations = plan_lab(
-                lab,
-                self.layout,
-                previous,
-                busy_udp=busy.udp,
+                lab, self.layout, load_allocations(self.layout), busy_udp=busy.udp,
                 busy_tcp=busy.tcp,
-            )
-            runtime = self.labs.get(lab.name)
+            )  # fmt: skip
+            current = self.labs.get(lab.name)
             argvs = {name: build_argv(node, self.host) for name, node in plan.nodes.items()}
-            change = self._diff(runtime, plan, argvs)
+            change = diff_lab(
+                current.running_nodes() if current is not None else None,
+                set(current.record.stopped) if current is not None else set(),
+                plan, argvs, self.host,
+            )  # fmt: skip
             summary = {"event": "plan", "lab": lab.name, **change.as_dict()}
             if dry_run:
                 yield summary
                 yield {"event": "done", "lab": lab.name, "failed": {}, "dry_run": True}
                 return
-            self._preflight([plan.nodes[name] for name in change.start], change.replug)
-            save_allocations(self.layout, allocations)
-            if runtime is None:
-                runtime = LabRuntime(LabRecord(lab=lab), plan)
-                self.labs[lab.name] = runtime
-            keys = {link.key for link in lab.links}
-            runtime.record = LabRecord(
-                lab=lab,
-                stopped=[n for n in runtime.record.stopped if n in plan.nodes],
-                links_down=[k for k in runtime.record.links_down if k in keys],
+            await asyncio.to_thread(
+                self._preflight, [plan.nodes[name] for name in change.start], change.replug
             )
-            runtime.plan = plan
-            self._save_record(runtime)
-            for name, supervisor in runtime.supervisors.items():
-                if name in plan.nodes:
-                    supervisor.plan, supervisor.argv = plan.nodes[name], argvs[name]
+            save_allocations(self.layout, allocations)
+            runtime = self._adopt_plan(current, lab, plan, argvs)
             yield summary
-
-            with self.subscribe() as updates:
+            with self.events.subscribe() as updates:
                 for name in change.remove:
                     await self._remove_node(runtime, name)
                 waiting: dict[str, asyncio.Future[VmStatus]] = {}
@@ -424,44 +194,42 @@ class Daemon(Hooks):
                         runtime, plan.nodes[name], None, want_running=False
                     )
                     waiting[name] = supervisor.submit("start")
-                async for update in self._progress(lab.name, waiting, updates):
+                async for update in _progress(lab.name, waiting, updates):
+                    if update["event"] == "done":
+                        await self._carrier_settled(runtime)
                     yield update
 
-    def _diff(
-        self, runtime: LabRuntime | None, plan: LabPlan, argvs: dict[str, list[str]]
-    ) -> LabChange:
-        """What `up` has to do to a running lab, and why; changes nothing itself."""
-        change = LabChange()
-        if runtime is None:
-            change.start = {name: "new lab" for name in plan.nodes}
-            return change
-        current = runtime.supervisors
-        change.remove = {
-            name: "not in the file any more" for name in set(current) - set(plan.nodes)
-        }
-        for name in plan.nodes:
-            supervisor = current.get(name)
-            if supervisor is None:
-                change.start[name] = "new node"
-                continue
-            idle = supervisor.status.state in (VmState.STOPPED, VmState.FAILED)
-            operator_stopped = name in runtime.record.stopped
-            if supervisor.argv != argvs[name]:
-                why = "command line changed: " + _argv_difference(supervisor.argv, argvs[name])
-                replug = (
-                    None
-                    if idle
-                    else nic_replug(supervisor.plan, supervisor.argv, plan.nodes[name], self.host)
-                )
-                if replug is not None:
-                    change.replug[name] = replug
-                elif not idle:
-                    change.restart[name] = why
-                elif not operator_stopped:
-                    change.start[name] = why
-            elif idle and not operator_stopped:
-                change.start[name] = f"was {supervisor.status.state.value}"
-        return change
+    async def _carrier_settled(self, lab: LabRuntime) -> None:
+        """Let the lab's carrier catch up before `up` answers, so that `links` then shows
+        what QEMU has; bounded, since a QEMU that does not answer must not hold up `up`."""
+        assert lab.carrier is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CARRIER_SETTLE_TIMEOUT):
+                await lab.carrier.request(*lab.supervisors)
+
+    def _adopt_plan(
+        self, current: LabRuntime | None, lab: Lab, plan: LabPlan, argvs: dict[str, list[str]]
+    ) -> LabRuntime:
+        """Make the new lab and plan the ones qlinkd holds, and tell each running node's
+        supervisor its next argv (it takes effect at its next launch)."""
+        if current is None:
+            runtime = self._add_lab(LabRecord(lab=lab), plan)
+        else:
+            runtime = current
+            self.events.publish("lab", lab=lab.name, action="changed")
+        keys = {link.key for link in lab.links}
+        runtime.record = LabRecord(
+            lab=lab,
+            stopped=[n for n in runtime.record.stopped if n in plan.nodes],
+            links_down=[k for k in runtime.record.links_down if k in keys],
+        )
+        runtime.plan = plan
+        self.store.save(runtime.record)
+        for name, supervisor in runtime.supervisors.items():
+            if name in plan.nodes:
+                # Answered once the VM's task takes it, before any later command of `up`.
+                _quietly(supervisor.configure(plan.nodes[name], argvs[name]))
+        return runtime
 
     def _preflight(self, nodes: list[NodePlan], replugs: dict[str, NicReplug]) -> None:
         """Every port of every node about to start, and of every NIC about to be plugged into
@@ -469,14 +237,11 @@ class Daemon(Hooks):
         leave that node to a restart that fails the same way."""
         for plan in nodes:
             try:
-                self.check_ports(plan)
-            except PortInUseError as error:
-                raise ControlError(
-                    f"cannot start {plan.lab}/{plan.name}: {error}; nothing was started",
-                    status=409,
+                check_node_ports(plan)
+            except QlinkError as error:
+                raise Conflict(
+                    f"cannot start {plan.lab}/{plan.name}: {error}; nothing was started"
                 ) from error
-            except HostError as error:
-                raise ControlError(f"cannot start {plan.lab}/{plan.name}: {error}", 409) from error
         for name, replug in replugs.items():
             # A recabled NIC keeps its port, which the running QEMU holds until the unplug.
             held = {nic.local_port for nic in replug.unplug}
@@ -486,189 +251,176 @@ class Daemon(Hooks):
                 try:
                     check_udp_ports_free(nic.local_address, [nic.local_port])
                 except PortInUseError as error:
-                    raise ControlError(
-                        f"cannot plug {name}:{nic.interface}: {error}; nothing was changed",
-                        status=409,
+                    raise Conflict(
+                        f"cannot plug {name}:{nic.interface}: {error}; nothing was changed"
                     ) from error
 
-    async def _progress(
-        self,
-        lab: str,
-        waiting: dict[str, asyncio.Future[VmStatus]],
-        updates: asyncio.Queue[dict[str, Any]],
-    ) -> AsyncIterator[dict[str, Any]]:
-        pending = set(waiting)
-        failed: dict[str, str] = {}
-        while pending:
-            getter = asyncio.ensure_future(updates.get())
-            watched: set[asyncio.Future[Any]] = {getter, *(waiting[name] for name in pending)}
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                update = getter.result()
-                if update.get("lab") == lab:
-                    yield update
-            else:
-                getter.cancel()
-            for name in list(pending):
-                future = waiting[name]
-                if future.done():
-                    pending.discard(name)
-                    if future.exception() is not None:
-                        failed[name] = str(future.exception())
-        while not updates.empty():
-            update = updates.get_nowait()
-            if update.get("lab") == lab:
-                yield update
-        yield {"event": "done", "lab": lab, "failed": failed}
-
-    async def _replug(self, runtime: LabRuntime, name: str, replug: NicReplug) -> bool:
-        """Take NICs out of a running node and put others in; False if it needs a restart.
+    async def _replug(self, lab: LabRuntime, name: str, replug: NicReplug) -> bool:
+        """Take NICs out of a running node and put others in, through its supervisor;
+        False if it needs a restart instead.
 
         The supervisor already holds the new plan and argv, so should the VM restart or crash
         meanwhile, it comes back with the new NICs anyway.
         """
-        supervisor = runtime.supervisors[name]
-        qmp, pid = supervisor.qmp, supervisor.status.pid
-        if qmp is None or pid is None:
-            return True  # not running after all: it starts with the new command line
-        plan = supervisor.plan
-        try:
+        supervisor = lab.supervisors[name]
+        plan = lab.plan.nodes[name]
+        unplug_timeout = self.settings.unplug_timeout
+
+        async def hotplug(qmp: MonitorHandle, pid: int) -> int:
             for nic in replug.unplug:
-                runtime.carriers.pop((name, nic.interface), None)
-                await qmp.unplug(nic.device_id, timeout=self.settings.unplug_timeout)
+                await qmp.unplug(nic.device_id, timeout=unplug_timeout)
                 await qmp.execute("netdev_del", {"id": nic.netdev_id})
             for nic in replug.plug:
                 await qmp.execute("netdev_add", nic_netdev_options(nic))
                 await qmp.execute("device_add", nic_device_options(plan, nic))
-                runtime.carriers[(name, nic.interface)] = (pid, True)  # a new NIC is up
-        except VmError as error:
-            if supervisor.status.pid != pid:
-                return True  # replaced meanwhile, by a QEMU with the new command line
-            log.warning("replug_failed", lab=runtime.name, node=name, error=str(error))
-            return False
-        log.info("nics_replugged", lab=runtime.name, node=name, change=replug.describe())
-        await self._apply_carrier(runtime, name)
-        return True
+            return pid
 
-    async def _remove_node(self, runtime: LabRuntime, name: str) -> None:
-        supervisor = runtime.supervisors.pop(name)
+        assert lab.carrier is not None
+        for nic in replug.unplug:
+            lab.carrier.forget(name, nic.interface)
+        try:
+            pid = await supervisor.call(hotplug)
+        except NotRunning:
+            return True  # not running after all: it starts with the new command line
+        except QlinkError as error:
+            log.warning("replug_failed", lab=lab.name, node=name, error=str(error))
+            return False
+        for nic in replug.plug:
+            lab.carrier.plugged(name, nic.interface, pid)
+        log.info("nics_replugged", lab=lab.name, node=name, change=replug.describe())
+        return True  # the plugged NICs' carrier is set by the pass that ends `up`
+
+    async def _remove_node(self, lab: LabRuntime, name: str) -> None:
+        supervisor = lab.supervisors.pop(name)
         with contextlib.suppress(QlinkError):
             await supervisor.submit("stop")
-        runtime.tasks.pop(name).cancel()
+        lab.tasks.pop(name).cancel()
+        if lab.carrier is not None:
+            lab.carrier.forget(name)
 
-    async def down(self, lab_name: str) -> AsyncIterator[dict[str, Any]]:
+    async def down(self, lab_name: str) -> AsyncIterator[Event]:
         async with self._lab_lock:
-            runtime = self.labs.get(lab_name)
-            if runtime is None:
-                raise ControlError(f"no lab named {lab_name!r} is up", status=404)
-            with self.subscribe() as updates:
-                waiting = {name: sup.submit("stop") for name, sup in runtime.supervisors.items()}
-                async for update in self._progress(lab_name, waiting, updates):
+            lab = self.labs.get(lab_name)
+            if lab is None:
+                raise NotFound(f"no lab named {lab_name!r} is up")
+            with self.events.subscribe() as updates:
+                waiting = {name: sup.submit("stop") for name, sup in lab.supervisors.items()}
+                async for update in _progress(lab_name, waiting, updates):
                     yield update
-            for task in runtime.tasks.values():
+            for task in lab.tasks_to_end():
                 task.cancel()
-            del self.labs[lab_name]
-            (self.layout.lab_state_dir(lab_name) / "lab.json").unlink(missing_ok=True)
+            self.labs.remove(lab_name)
+            self.store.forget(lab_name)
+            self.events.publish("lab", lab=lab_name, action="down")
             log.info("lab_down", lab=lab_name)
 
-    def find_endpoint(self, reference: str) -> tuple[LabRuntime, VmSupervisor, str]:
-        """`NODE:IF` or `LAB/NODE:IF`: the node's lab, its supervisor, the interface."""
-        node_ref, sep, interface = reference.rpartition(":")
-        if not sep:
-            raise ControlError(f"say NODE:INTERFACE, not {reference!r}", status=400)
-        runtime, supervisor = self.find_node(node_ref)
-        return runtime, supervisor, interface
-
-    def find_node(self, reference: str) -> tuple[LabRuntime, VmSupervisor]:
-        """`node` or `lab/node`; a bare name must be unambiguous."""
-        lab_name, _, node_name = reference.rpartition("/")
-        matches = [
-            (runtime, runtime.supervisors[node_name])
-            for runtime in self.labs.values()
-            if node_name in runtime.supervisors and lab_name in ("", runtime.name)
-        ]
-        if not matches:
-            raise ControlError(f"no node {reference!r} in any lab that is up", status=404)
-        if len(matches) > 1:
-            labs = ", ".join(runtime.name for runtime, _ in matches)
-            raise ControlError(
-                f"node {node_name!r} is in several labs ({labs}): say LAB/{node_name}", 409
-            )
-        return matches[0]
+    # --- nodes and links ----------------------------------------------------------------
 
     async def node_command(self, reference: str, verb: str, graceful: bool = True) -> VmStatus:
-        runtime, supervisor = self.find_node(reference)
-        if verb not in ("start", "stop", "restart"):
-            raise ControlError(f"unknown verb {verb!r}", status=400)
-        stopped = set(runtime.record.stopped)
+        if verb not in NODE_VERBS:
+            raise Invalid(f"unknown verb {verb!r}: one of {', '.join(NODE_VERBS)}")
+        lab, supervisor = self.labs.find_node(reference)
+        stopped = set(lab.record.stopped)
         stopped.discard(supervisor.name) if verb != "stop" else stopped.add(supervisor.name)
-        if stopped != set(runtime.record.stopped):
-            runtime.record = runtime.record.model_copy(update={"stopped": sorted(stopped)})
-            self._save_record(runtime)
-        try:
-            return await supervisor.submit(verb, graceful)  # type: ignore[arg-type]
-        except QlinkError as error:
-            raise ControlError(str(error), status=500) from error
+        if stopped != set(lab.record.stopped):
+            lab.record = lab.record.model_copy(update={"stopped": sorted(stopped)})
+            self.store.save(lab.record)
+        return await supervisor.submit(verb, graceful)  # type: ignore[arg-type]
+
+    async def set_link(self, reference: str, up: bool) -> dict[str, Any]:
+        """`link down|up NODE:IF` (or `LAB/NODE:IF`): a cut cable, both ends, remembered;
+        answered once QEMU has acknowledged the carrier of both ends."""
+        lab, supervisor, interface = self.labs.find_endpoint(reference)
+        link = lab.record.lab.link_of(supervisor.name, interface)
+        assert link is not None
+        down = set(lab.record.links_down)
+        down.discard(link.key) if up else down.add(link.key)
+        lab.record = lab.record.model_copy(update={"links_down": sorted(down)})
+        self.store.save(lab.record)
+        log.info("link_admin", lab=lab.name, link=link.key, up=up)
+        self.events.publish("link_admin", lab=lab.name, link=link.key, admin="up" if up else "down")
+        assert lab.carrier is not None
+        await lab.carrier.request(*(end.node for end in link.endpoints))
+        return link_row(lab, link)
 
     async def qmp(self, reference: str, command: str, arguments: dict[str, Any]) -> Any:
-        """A QMP command through the daemon's own connection: QEMU serves one QMP client."""
-        _, supervisor = self.find_node(reference)
-        qmp = supervisor.qmp
-        if qmp is None:
-            raise ControlError(f"{reference} is {supervisor.status.state.value}", status=409)
-        try:
+        """A QMP command through the VM's own session: QEMU serves one QMP client."""
+        _, supervisor = self.labs.find_node(reference)
+
+        async def passthrough(qmp: MonitorHandle, pid: int) -> Any:
             return await qmp.execute(command, arguments or None, timeout=30)
-        except VmError as error:
-            raise ControlError(str(error), status=422) from error
+
+        return await supervisor.call(passthrough)
+
+    async def start_capture(self, reference: str) -> tuple[VmSupervisor, str, Path]:
+        """A `filter-dump` on the netdev of `NODE:IF`: its id and the pcap file QEMU writes."""
+        _, supervisor, interface = self.labs.find_endpoint(reference)
+        plan = supervisor.plan
+        nic = plan.nic(interface)
+        number = next(_capture_serial)
+        filter_id = f"qlink-capture-{number}"
+        path = plan.paths.runtime_dir / f"capture-{interface}-{number}.pcap"
+        path.unlink(missing_ok=True)
+
+        async def add_filter(qmp: MonitorHandle, pid: int) -> None:
+            await qmp.execute(
+                "object-add",
+                {"qom-type": "filter-dump", "id": filter_id, "netdev": nic.netdev_id,
+                 "file": str(path)},
+            )  # fmt: skip
+
+        await supervisor.call(add_filter)
+        return supervisor, filter_id, path
+
+    @staticmethod
+    async def stop_capture(supervisor: VmSupervisor, filter_id: str) -> None:
+        async def remove_filter(qmp: MonitorHandle, pid: int) -> None:
+            await qmp.execute("object-del", {"id": filter_id})
+
+        with contextlib.suppress(QlinkError):  # a QEMU that is gone took its filter along
+            await supervisor.call(remove_filter)
+
+    # --- read models --------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
-        rows = []
-        for runtime in sorted(self.labs.values(), key=lambda r: r.name):
-            for name in runtime.plan.nodes:  # the file's order, every time
-                supervisor = runtime.supervisors.get(name)
-                if supervisor is None:
-                    continue
-                plan = supervisor.plan
-                rows.append(
-                    {
-                        "lab": runtime.name,
-                        "node": name,
-                        **supervisor.status.as_dict(),
-                        "accel": self.host.accel_for(plan.node.accel),
-                        "ports": {nic.interface: nic.local_port for nic in plan.nics},
-                        "ssh": (
-                            f"{plan.mgmt.host_address}:{plan.mgmt.ssh_port}"
-                            if plan.mgmt is not None
-                            else None
-                        ),
-                        "qmp": str(plan.paths.qmp_socket),
-                        "console": str(plan.paths.console_socket),
-                    }
-                )
-        return rows
+        return status_rows(self.labs, self.host)
 
     def links(self) -> list[dict[str, Any]]:
-        return [
-            self._link_row(runtime, link)
-            for runtime in sorted(self.labs.values(), key=lambda r: r.name)
-            for link in runtime.record.lab.links
-        ]
+        return link_rows(self.labs)
 
-    def _link_row(self, runtime: LabRuntime, link: Link) -> dict[str, Any]:
-        ends = []
-        for end in link.endpoints:
-            supervisor = runtime.supervisors.get(end.node)
-            nic = runtime.plan.nodes[end.node].nic(end.interface)
-            _, carrier = runtime.carrier(link, end.node)
-            ends.append(
-                {
-                    "endpoint": str(end),
-                    "port": nic.local_port,
-                    "mac": nic.mac,
-                    "pci": f"{nic.place.bus}/{nic.place.addr}",
-                    "node_state": supervisor.status.state.value if supervisor else None,
-                    "carrier": carrier,
-                }
-            )
-        state = "down" if link.key in runtime.record.links_down else "up"
-        return {"lab": runtime.name, "link": link.key, "admin": state, "a": ends[0], "b": ends[1]}
+    def subscribe(self) -> contextlib.AbstractContextManager[Subscription]:
+        return self.events.subscribe()
+
+
+def _quietly(future: asyncio.Future[Any]) -> None:
+    """A command whose answer nobody needs (a later one is awaited instead): its error, if
+    any, is retrieved so that asyncio does not report it as lost."""
+    future.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+async def _progress(
+    lab: str, waiting: dict[str, asyncio.Future[VmStatus]], updates: Subscription
+) -> AsyncIterator[Event]:
+    """The lab's events until every waited-for command is answered, then `done`."""
+    pending = set(waiting)
+    failed: dict[str, str] = {}
+    while pending:
+        getter = asyncio.ensure_future(updates.get())
+        watched: set[asyncio.Future[Any]] = {getter, *(waiting[name] for name in pending)}
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled() and getter.result().get("lab") == lab:
+            yield getter.result()
+        for name in list(pending):
+            future = waiting[name]
+            if future.done():
+                pending.discard(name)
+                if future.exception() is not None:
+                    failed[name] = str(future.exception())
+    while (update := updates.get_nowait()) is not None:
+        if update.get("lab") == lab:
+            yield update
+    yield {"event": "done", "lab": lab, "failed": failed}

@@ -10,25 +10,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno
-import functools
 import json
 import os
 import signal
-import socket
-import subprocess
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 from asyncinotify import Inotify, Mask
 
-from qlink.errors import HostError, LaunchError, PortInUseError, VmError
+from qlink.errors import HostError, LaunchError, VmError
 from qlink.plan.node_paths import NodePaths
+from qlink.runtime.procfs import read_cmdline, read_stat
 from qlink.runtime.qmp import QmpSession
+from qlink.runtime.tools import run_tool
 
 log = structlog.get_logger(__name__)
 
@@ -129,91 +126,25 @@ class QemuProcess:
 # --- before launch ------------------------------------------------------------------------
 
 
-def udp_port_holder(port: int) -> str | None:
-    """Who holds a UDP port, as `pid 123 (name)`, if the kernel will tell."""
-    with contextlib.suppress(psutil.AccessDenied, OSError):
-        for connection in psutil.net_connections(kind="udp"):
-            if connection.laddr and connection.laddr.port == port and connection.pid:
-                with contextlib.suppress(psutil.Error):
-                    return f"pid {connection.pid} ({psutil.Process(connection.pid).name()})"
-                return f"pid {connection.pid}"
-    return None
-
-
-@dataclass(frozen=True, slots=True)
-class BusyPorts:
-    udp: frozenset[int]
-    tcp: frozenset[int]
-
-
-def ports_in_use() -> BusyPorts:
-    """Local UDP and TCP ports bound on this host now, for allocations to avoid.
-
-    One pass over the host's sockets: psutil walks every process's descriptors for it.
-    """
-    udp: set[int] = set()
-    tcp: set[int] = set()
-    try:
-        for connection in psutil.net_connections(kind="inet"):
-            if connection.laddr:
-                (udp if connection.type == socket.SOCK_DGRAM else tcp).add(connection.laddr.port)
-    except (psutil.AccessDenied, OSError):
-        pass
-    return BusyPorts(frozenset(udp), frozenset(tcp))
-
-
-def udp_port_in_use(address: str, port: int) -> bool:
-    """Whether someone holds the port. QEMU binds its UDP netdevs with SO_REUSEADDR, so a
-    second QEMU on the same port starts without a word and steals the link's frames; a bind
-    without SO_REUSEADDR fails on any port that is in use: the check QEMU does not make."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((address, port))
-        except OSError as error:
-            if error.errno != errno.EADDRINUSE:
-                raise HostError(f"cannot bind UDP {address}:{port}: {error}") from error
-            return True
-    return False
-
-
-def check_udp_ports_free(address: str, ports: Sequence[int]) -> None:
-    """Refuse a port someone else holds, naming who holds it."""
-    for port in ports:
-        if udp_port_in_use(address, port):
-            raise PortInUseError(port, address, udp_port_holder(port))
-
-
-def check_tcp_port_free(address: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((address, port))
-        except OSError as error:
-            raise HostError(f"TCP {address}:{port} (management SSH) is in use: {error}") from error
-
-
-def create_overlay(image: Path, overlay: Path) -> bool:
+async def create_overlay(image: Path, overlay: Path) -> bool:
     """A qcow2 overlay on `image`, unless it exists; returns whether one was created."""
     if overlay.exists():
         return False
     if not image.is_file():
         raise HostError(f"image {image} does not exist")
-    info = subprocess.run(
-        ["qemu-img", "info", "--output=json", str(image)],
-        capture_output=True, text=True, check=False, timeout=30,
-    )  # fmt: skip
-    if info.returncode != 0:
-        raise HostError(f"qemu-img cannot read {image}: {info.stderr.strip()}")
-    backing_format = _json_field(info.stdout, "format")
+    returncode, stdout, stderr = await run_tool(["qemu-img", "info", "--output=json", str(image)])
+    if returncode != 0:
+        raise HostError(f"qemu-img cannot read {image}: {stderr.strip()}")
+    backing_format = _json_field(stdout, "format")
     overlay.parent.mkdir(parents=True, exist_ok=True)
     partial = overlay.with_suffix(".partial")
-    created = subprocess.run(
+    returncode, _, stderr = await run_tool(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", backing_format, "-b", str(image),
          str(partial)],
-        capture_output=True, text=True, check=False, timeout=30,
     )  # fmt: skip
-    if created.returncode != 0:
+    if returncode != 0:
         partial.unlink(missing_ok=True)
-        raise HostError(f"qemu-img could not create {overlay}: {created.stderr.strip()}")
+        raise HostError(f"qemu-img could not create {overlay}: {stderr.strip()}")
     partial.rename(overlay)
     return True
 
@@ -228,64 +159,6 @@ def _json_field(text: str, field: str) -> str:
 def prepare_directories(paths: NodePaths) -> None:
     paths.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     paths.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-
-
-# --- a process's identity, from /proc ----------------------------------------------------
-
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True, slots=True)
-class ProcStat:
-    """What launch and adoption need of /proc/PID/stat."""
-
-    state: str
-    """R, S, D, T, Z (a zombie), X (dead), ..."""
-    start_ticks: int
-    """Clock ticks from boot to the process's start (field 22): never changes while it runs."""
-    boot_time: float
-
-    @property
-    def start_time(self) -> float:
-        """Seconds since the epoch, as psutil's `create_time` computes it: records written by a
-        qlinkd that used psutil still match."""
-        return self.start_ticks / CLOCK_TICKS + self.boot_time
-
-
-@functools.cache
-def _boot_time() -> float:
-    """When the kernel booted, in seconds since the epoch (`btime` in /proc/stat).
-
-    Read once: it does not change, and /proc/stat (every CPU's and IRQ's counters) takes
-    1-2 ms to produce on a busy host, once per launch otherwise."""
-    with open("/proc/stat", "rb") as stat:
-        for line in stat:
-            if line.startswith(b"btime "):
-                return float(line.split()[1])
-    raise HostError("/proc/stat has no btime line")
-
-
-def read_stat(pid: int) -> ProcStat:
-    """The one source of a process's start time, for what `launch` records and what `adopt`
-    checks. Raises FileNotFoundError or ProcessLookupError once the process is gone.
-
-    Two small reads, on the event loop at every launch: psutil's `Process` reads and checks
-    more than this needs."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        raw = stat.read()
-    # The command name (field 2) is in parentheses and may hold spaces and parentheses
-    # itself: the fields after it start after its last ')'.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    return ProcStat(fields[0].decode(), int(fields[19]), _boot_time())
-
-
-def read_cmdline(pid: int) -> tuple[str, ...]:
-    """The process's argv, decoded the way Python decodes its own."""
-    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-        raw = cmdline.read()
-    if not raw:
-        return ()  # a zombie, or a kernel thread
-    return tuple(os.fsdecode(item) for item in raw.removesuffix(b"\0").split(b"\0"))
 
 
 # --- launch -------------------------------------------------------------------------------
@@ -549,6 +422,16 @@ async def _gone_within(process: QemuProcess, seconds: float) -> bool:
     return True
 
 
+async def _guest_runs(qmp: QmpSession) -> bool:
+    """Whether the vCPUs run: a paused VM (`-S`, `stop`, a guest error) cannot answer an ACPI
+    power-down, so waiting for one is waiting for nothing."""
+    try:
+        status = await qmp.execute("query-status", timeout=2.0)
+    except VmError:
+        return True  # unknown: give the guest its chance
+    return bool(isinstance(status, dict) and status.get("running", True))
+
+
 async def stop(
     process: QemuProcess,
     qmp: QmpSession | None,
@@ -557,12 +440,13 @@ async def stop(
 ) -> StopStep:
     """Stop QEMU by the gentlest step that works; returns the step that did it.
 
-    ACPI power-down first (repeated: a guest still booting does not listen yet), then QMP
-    `quit`, then SIGTERM, then SIGKILL; each waits for the process itself to be gone.
+    ACPI power-down first (repeated: a guest still booting does not listen yet; skipped for a
+    paused VM, which cannot answer it), then QMP `quit`, then SIGTERM, then SIGKILL; each
+    waits for the process itself to be gone.
     """
     if process.exited:
         return StopStep.ALREADY_GONE
-    if graceful and qmp is not None and timeouts.powerdown > 0:
+    if graceful and qmp is not None and timeouts.powerdown > 0 and await _guest_runs(qmp):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeouts.powerdown
         while (left := deadline - loop.time()) > 0:

@@ -11,7 +11,7 @@ from typing import Any
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, Runstate
 from qemu.qmp.error import QMPError
 
-from qlink.errors import VmError
+from qlink.errors import QmpCommandError, VmError
 
 # Every event the supervisor acts on; the rest (NIC_RX_FILTER_CHANGED, RTC_CHANGE ...) is noise.
 WATCHED_EVENTS = ("SHUTDOWN", "RESET", "GUEST_PANICKED", "STOP", "RESUME", "POWERDOWN")
@@ -53,7 +53,7 @@ class QmpSession:
             async with asyncio.timeout(timeout):
                 return await self._client.execute(command, arguments)
         except ExecuteError as error:
-            raise VmError(f"QMP {command} failed: {error.error_class}: {error}") from error
+            raise QmpCommandError(command, error.error_class, str(error)) from error
         except TimeoutError as error:
             raise VmError(f"QMP {command} got no answer within {timeout:g} s") from error
         except (QMPError, OSError, EOFError) as error:

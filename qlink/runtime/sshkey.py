@@ -13,11 +13,11 @@ import base64
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 from pathlib import Path
 
 from qlink.errors import HostError
+from qlink.runtime.tools import run_tool
 
 CREDENTIAL_NAME = "ssh.authorized_keys.root"
 
@@ -32,7 +32,7 @@ def smbios_credential(public_keys: str) -> str:
     return f"io.systemd.credential.binary:{CREDENTIAL_NAME}={encoded}"
 
 
-def ensure_ssh_credential(private_key: Path, credential: Path) -> bool:
+async def ensure_ssh_credential(private_key: Path, credential: Path) -> bool:
     """Make the key pair unless it exists, and the credential file from its public half.
 
     Returns whether anything was written. Both files are replaced whole (rename), so a QEMU
@@ -40,7 +40,7 @@ def ensure_ssh_credential(private_key: Path, credential: Path) -> bool:
     """
     created = False
     if not private_key.exists():
-        _generate_key_pair(private_key)
+        await _generate_key_pair(private_key)
         created = True
     try:
         public = public_key_path(private_key).read_text()
@@ -59,7 +59,7 @@ def ensure_ssh_credential(private_key: Path, credential: Path) -> bool:
     return created
 
 
-def _generate_key_pair(private_key: Path) -> None:
+async def _generate_key_pair(private_key: Path) -> None:
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         raise HostError(
@@ -70,13 +70,12 @@ def _generate_key_pair(private_key: Path) -> None:
     # public half first, so an existing private key always has its public half.
     with tempfile.TemporaryDirectory(dir=private_key.parent, prefix=".keygen-") as scratch:
         scratch_key = Path(scratch) / private_key.name
-        result = subprocess.run(
+        returncode, _, stderr = await run_tool(
             [keygen, "-q", "-t", "ed25519", "-N", "", "-C", f"qlink@{socket.gethostname()}",
              "-f", str(scratch_key)],
-            capture_output=True, text=True, check=False, timeout=30,
         )  # fmt: skip
-        if result.returncode != 0:
-            raise HostError(f"ssh-keygen failed: {result.stderr.strip()}")
+        if returncode != 0:
+            raise HostError(f"ssh-keygen failed: {stderr.strip()}")
         os.replace(public_key_path(scratch_key), public_key_path(private_key))
         os.replace(scratch_key, private_key)
 

@@ -263,10 +263,16 @@ def test_logs_print_and_follow_both_files(
     assert daemon.ctl_ok("logs", "--only", "console", "a") == "boot line 1\nboot line 2\n"
     assert daemon.ctl_ok("logs", "--only", "console", "-n", "1", "t/a") == "boot line 2\n"
 
-    follower = subprocess.Popen(
-        [sys.executable, "-m", "qlink.cli", "--root", str(short_root), "logs", "-f", "a"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )  # fmt: skip
+    # Started as a shell starts a background job: SIGINT ignored, which a child inherits.
+    # A user's Ctrl-C must end it all the same (it hung for 30 s on a busy machine).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited across exec
+    try:
+        follower = subprocess.Popen(
+            [sys.executable, "-m", "qlink.cli", "--root", str(short_root), "logs", "-f", "a"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         assert follower.stdout is not None
         seen = b""
@@ -283,7 +289,7 @@ def test_logs_print_and_follow_both_files(
         assert seen.endswith(f"==> {console_log} <==\nappended later\n".encode()), seen
     finally:
         follower.send_signal(signal.SIGINT)  # Ctrl-C
-        assert follower.wait(timeout=30) == 0
+        assert follower.wait(timeout=5) == 0
         for stream in (follower.stdout, follower.stderr):
             if stream is not None:
                 stream.close()

@@ -12,7 +12,8 @@ import pytest
 
 from qlink.errors import LaunchError, PortInUseError
 from qlink.plan.paths import Layout
-from qlink.runtime.process import check_udp_ports_free, create_overlay, launch
+from qlink.runtime.ports import check_udp_ports_free
+from qlink.runtime.process import create_overlay, launch
 from qlink.runtime.qmp import QmpSession
 from qlink.runtime.sshkey import ensure_ssh_credential
 from tests.conftest import GuestFiles, require
@@ -40,11 +41,11 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
             assert str(paths.qmp_socket) == node["paths"]["qmp_socket"]
             if "image" in node["paths"]:
                 ensure_test_image()
-                assert create_overlay(Path(node["paths"]["image"]), paths.overlay)
+                assert await create_overlay(Path(node["paths"]["image"]), paths.overlay)
             if node["mgmt"] is not None:
                 # The real key and credential, made as qlinkd makes them before a launch.
                 credential = Path(node["mgmt"]["ssh_credential"])
-                ensure_ssh_credential(layout.ssh_key, credential)
+                await ensure_ssh_credential(layout.ssh_key, credential)
                 assert credential.read_text().startswith("io.systemd.credential.binary:")
             # The golden ports are fixed; a live lab on this host may hold them, and a QEMU
             # bound to them (SO_REUSEADDR) would steal its frames.

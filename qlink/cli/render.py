@@ -1,0 +1,153 @@
+"""How qlinkctl shows things to people: tables, durations, progress and event lines, the
+argv as a shell command, the topology as DOT. Pure functions of what the daemon answered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def argv_lines(argv: Sequence[str]) -> str:
+    """An argv as a shell command, one option and its value per line, ready to paste."""
+    import shlex
+
+    from qlink.plan.options import option_groups
+
+    lines = [shlex.quote(argv[0])]
+    lines += [" ".join(shlex.quote(item) for item in group) for group in option_groups(argv)]
+    return " \\\n    ".join(lines)
+
+
+def progress_line(event: dict[str, Any]) -> str | None:
+    kind = event.get("event")
+    if kind == "plan":
+        verbs = [verb for verb in ("start", "restart", "replug", "remove") if event.get(verb)]
+        lines = [f"{event['lab']}: " + (
+            "; ".join(f"{verb} {', '.join(event[verb])}" for verb in verbs)
+            or "nothing to change")]  # fmt: skip
+        for verb in verbs:
+            lines += [f"  {verb} {node}: {why}" for node, why in event[verb].items()]
+        return "\n".join(lines)
+    if kind == "node_state":
+        detail = f" (pid {event['pid']})" if event.get("pid") else ""
+        if event.get("last_error") and event["state"] in ("backoff", "failed"):
+            detail += f": {event['last_error'].splitlines()[0]}"
+        return f"  {event['node']}: {event['state']}{detail}"
+    return None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True))
+             for row in (headers, *rows)]  # fmt: skip
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
+    rows = [
+        [
+            node["lab"], node["node"], node["state"], node.get("accel") or "-",
+            str(node["pid"] or "-"),
+            duration(node["uptime"]), str(node["restarts"]), node["ssh"] or "-",
+            " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
+        ]
+        for node in nodes
+        if only_lab in (None, node["lab"])
+    ]  # fmt: skip
+    if not rows:
+        print("no labs are up")
+        return
+    headers = ["LAB", "NODE", "STATE", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"]
+    print(table(headers, rows))
+
+
+def json_rows(rows: list[dict[str, Any]]) -> str:
+    """A JSON array with one row per line: greppable, and fast (C encoder, no `indent`),
+    which counts for `status` of a big lab."""
+    return "[\n" + ",\n".join(json.dumps(row) for row in rows) + "\n]" if rows else "[]"
+
+
+def carrier_text(link: dict[str, Any]) -> str:
+    a, b = link["a"]["carrier"], link["b"]["carrier"]
+    return a if a == b else f"{link['a']['endpoint']} {a}, {link['b']['endpoint']} {b}"
+
+
+def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:
+    """The lab as Graphviz DOT: a box per node, an edge per cable labelled with its ports;
+    a cable that is cut is red and dashed, one whose carrier is down is grey and dotted."""
+
+    def quoted(text: str) -> str:
+        # Names are allow-listed (no quotes, no backslashes); a label's \n is DOT's newline.
+        return f'"{text}"'
+
+    lines = [
+        f"graph {quoted(lab)} {{",
+        "  graph [overlap=false, splines=true];",
+        '  node [shape=box, style="rounded,filled", fillcolor="#eef3fb", fontname=Helvetica];',
+        "  edge [fontname=Helvetica, fontsize=9];",
+    ]
+    for name, state in nodes.items():
+        fill = "" if state in ("running", "") else ', fillcolor="#f6dada"'
+        label = name if state in ("running", "") else f"{name}\\n({state})"
+        lines.append(f"  {quoted(name)} [label={quoted(label)}{fill}];")
+    for link in links:
+        a_node, a_if = link["a"]["endpoint"].split(":")
+        b_node, b_if = link["b"]["endpoint"].split(":")
+        style = ""
+        if link.get("admin") == "down":
+            style = ', color="#c0392b", style=dashed'
+        elif any(end.get("carrier", "up") != "up" for end in (link["a"], link["b"])):
+            style = ', color="#999999", style=dotted'
+        lines.append(
+            f"  {quoted(a_node)} -- {quoted(b_node)} "
+            f"[taillabel={quoted(a_if)}, headlabel={quoted(b_if)}{style}];"
+        )
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def event_line(event: dict[str, Any]) -> str | None:
+    """One event for people: `12:00:01.250  clos/spine1  running (pid 4242)`."""
+    import time
+
+    stamp = time.strftime("%H:%M:%S", time.localtime(event.get("time", 0)))
+    stamp += f".{int(event.get('time', 0) * 1000) % 1000:03d}"
+    kind = event.get("event")
+    where = f"{event.get('lab')}/{event.get('node')}" if "node" in event else event.get("lab")
+    if kind == "node_state":
+        detail = f" (pid {event['pid']})" if event.get("pid") else ""
+        if event.get("last_error") and event["state"] in ("backoff", "failed"):
+            detail += f": {event['last_error'].splitlines()[0]}"
+        text = f"{event['state']}{detail}"
+    elif kind == "carrier":
+        where = f"{where}:{event['interface']}"
+        text = f"carrier {'up' if event['up'] else event['reason']}"
+    elif kind == "link_admin":
+        text = f"link {event['link']} admin {event['admin']}"
+    elif kind == "lab":
+        text = f"lab {event['action']}"
+    elif kind == "console":
+        text = f"console viewer {event['action']} ({event['viewers']} watching)"
+    elif kind == "lagged":
+        return f"{stamp}  qlinkctl events fell too far behind; qlinkd ended the stream"
+    else:
+        return None
+    return f"{stamp}  {where}  {text}"

@@ -1,0 +1,89 @@
+"""How a supervisor treats its VM (backoff, liveness, timeouts) and what it reports of it."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlink.runtime.process import StopTimeouts
+from qlink.states import VmState
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Capped exponential backoff with jitter; `attempts` quick failures in a row → FAILED.
+
+    A VM that stayed up for `healthy_after` seconds is healthy again: its count restarts.
+    """
+
+    initial: float = 1.0
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: float = 0.2
+    attempts: int = 5
+    healthy_after: float = 30.0
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        try:
+            grown = self.initial * self.factor ** max(0, failures - 1)
+        except OverflowError:  # a float power past 2**1023: long past the cap anyway
+            grown = self.cap
+        base = min(self.cap, grown)
+        return base * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    """A `query-status` every `interval`; `misses` unanswered in a row means hung."""
+
+    # Measured: a query-status costs qlinkd ~0.35 ms of CPU; at 5 s, 200 idle VMs took 1.4%
+    # of a core. At 30 s that is ~0.25%, and a hung VM is still caught within a minute.
+    interval: float = 30.0
+    timeout: float = 5.0
+    misses: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSettings:
+    backoff: Backoff = Backoff()
+    liveness: Liveness = Liveness()
+    stop_timeouts: StopTimeouts = field(default_factory=StopTimeouts)
+    launch_timeout: float = 30.0
+    unplug_timeout: float = 10.0
+    """How long a guest gets to release a NIC taken out of it (a link removed from its lab)."""
+
+
+@dataclass
+class VmStatus:
+    """A snapshot for `qlinkctl status`; only the supervisor task writes it."""
+
+    state: VmState = VmState.STOPPED
+    pid: int | None = None
+    since: float = field(default_factory=time.time)
+    started_at: float | None = None
+    restarts: int = 0
+    failures: int = 0
+    last_exit: str | None = None
+    last_error: str | None = None
+    last_event: str | None = None
+    next_start_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "uptime": round(now - self.started_at, 1) if self.started_at is not None else None,
+            "restarts": self.restarts,
+            "failures": self.failures,
+            "last_exit": self.last_exit,
+            "last_error": self.last_error,
+            "last_event": self.last_event,
+            "next_start_in": (
+                round(max(0.0, self.next_start_at - now), 1)
+                if self.next_start_at is not None
+                else None
+            ),
+        }

@@ -1,0 +1,87 @@
+"""What the supervisor drives: a QEMU process, its QMP connection, and the runtime that makes
+them. Protocols, so the state machine and the daemon are tested with fakes; `VmRuntime` is
+the product's only implementation."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Iterable
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from qlink.plan.lab import NodePlan
+from qlink.runtime import process as real_process
+from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
+from qlink.runtime.qmp import QmpSession
+
+
+class ProcessHandle(Protocol):
+    """What the supervisor needs of a QEMU process (`runtime.process.QemuProcess`)."""
+
+    @property
+    def identity(self) -> ProcessIdentity: ...
+    @property
+    def pid(self) -> int: ...
+    @property
+    def exited(self) -> bool: ...
+    async def wait(self) -> ExitStatus: ...
+    def send_signal(self, signum: signal.Signals) -> None: ...
+
+
+class MonitorHandle(Protocol):
+    """What the supervisor needs of a QMP connection (`runtime.qmp.QmpSession`)."""
+
+    @property
+    def connected(self) -> bool: ...
+    async def execute(
+        self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 5.0
+    ) -> Any: ...
+    def listen(self, names: Iterable[str] = ...) -> AbstractContextManager[AsyncIterator[Any]]: ...
+    async def unplug(self, device_id: str, timeout: float) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Runtime(Protocol):
+    """The runtime operations a supervisor drives."""
+
+    async def launch(
+        self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
+    ) -> tuple[ProcessHandle, MonitorHandle]: ...
+    def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]: ...
+    async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle: ...
+    async def stop(
+        self,
+        process: ProcessHandle,
+        qmp: MonitorHandle | None,
+        timeouts: StopTimeouts,
+        graceful: bool,
+    ) -> StopStep: ...
+
+
+class VmRuntime:
+    """The real runtime: QEMU processes and QMP sessions (`runtime.process`, `runtime.qmp`)."""
+
+    def __init__(self, watcher: real_process.CreationWatcher | None = None) -> None:
+        self._watcher = watcher
+
+    async def launch(
+        self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
+    ) -> tuple[ProcessHandle, MonitorHandle]:
+        return await real_process.launch(argv, plan.paths, timeout, qmp_name, self._watcher)
+
+    def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
+        return real_process.adopt(identity)
+
+    async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle:
+        return await QmpSession.connect(name, plan.paths.qmp_socket, timeout)
+
+    async def stop(
+        self,
+        process: ProcessHandle,
+        qmp: MonitorHandle | None,
+        timeouts: StopTimeouts,
+        graceful: bool,
+    ) -> StopStep:
+        assert isinstance(process, real_process.QemuProcess)
+        assert qmp is None or isinstance(qmp, QmpSession)
+        return await real_process.stop(process, qmp, timeouts, graceful)
