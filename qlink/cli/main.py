@@ -128,15 +128,28 @@ def cmd_links(args: argparse.Namespace) -> int:
 
 
 def cmd_qmp(args: argparse.Namespace) -> int:
+    """One QMP command through qlinkd; KEY=VALUE gives an argument, VALUE as JSON if it is
+    JSON, else as text. A refusal by qlinkd (a command for root only, or one that would take
+    the VM out of qlink's hands) exits 1 with why and what to do; so does one by QEMU, whose
+    error class (CommandNotFound, GenericError, ...) the message names."""
     arguments: dict[str, Any] = {}
+    for item in (args.node, args.command_name, *args.arguments):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError:  # bytes of another encoding, escaped by Python's argv
+            raise UsageError(f"{item!r} is not UTF-8 text, which QMP needs") from None
     for item in args.arguments:
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key:
             raise UsageError(f"QMP arguments are KEY=VALUE (VALUE as JSON or text), not {item!r}")
+        if key in arguments:
+            raise UsageError(f"QMP argument {key!r} is given twice")
         try:
             arguments[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON (or a number too long for Python): the text itself
             arguments[key] = value
+        except RecursionError:
+            raise UsageError(f"the value of {key!r} nests too deep to be a QMP argument") from None
     reply = client_for(args).post(
         f"/nodes/{args.node}/qmp", {"execute": args.command_name, "arguments": arguments}
     )
@@ -400,7 +413,24 @@ def _add_operating_verbs(commands: Any) -> None:
     events.add_argument("-n", "--count", type=int, metavar="N", help="stop after N events")
     events.set_defaults(handler=cmd_events)
 
-    qmp = commands.add_parser("qmp", help="run a QMP command through qlinkd")
+    qmp = commands.add_parser(
+        "qmp",
+        help="run a QMP command through qlinkd (most are for root only)",
+        description="Run one QMP command on NODE's QEMU through qlinkd and print QEMU's answer. "
+        'KEY=VALUE gives an argument: VALUE as JSON if it is JSON (42, true, {"a": 1}), '
+        "else as text. QEMU runs as root and QMP can make it run programs and write host "
+        "files, so anyone who may use the control socket may run only read-only and "
+        "lab-operating commands: query-*, x-query-*, qom-get, qom-list, qom-list-types, "
+        "qom-list-properties, device-list-properties, trace-event-get-state, set_link, "
+        "system_reset, system_powerdown, system_wakeup, stop, cont, send-key, "
+        "input-send-event, inject-nmi. Everything else (human-monitor-command, migrate, "
+        "dump-guest-memory, screendump, device_add, netdev_add, chardev-add, object-add, "
+        "blockdev-*, ...) is for root, or the user qlinkd runs as. Refused to everyone: quit "
+        "(use qlinkctl stop) and removing what qlink made (its NICs, their backends, its "
+        "monitor and console, a capture's filter: use qlinkctl link, up, capture). "
+        "Exit 0 done, 1 refused by qlinkd or by QEMU (its error class is shown), 2 bad usage "
+        "or an unknown node, 3 qlinkd is not running.",
+    )
     qmp.add_argument("node", metavar="NODE")
     qmp.add_argument("command_name", metavar="COMMAND")
     qmp.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
