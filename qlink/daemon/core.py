@@ -302,13 +302,18 @@ class Daemon:
         if lab.carrier is not None:
             lab.carrier.forget(name)
 
-    async def down(self, lab_name: str) -> AsyncIterator[Event]:
+    async def down(self, lab_name: str, graceful: bool = True) -> AsyncIterator[Event]:
+        """Stop every node at once (each its own ladder, in parallel) and forget the lab;
+        `graceful=False` skips the guests' ACPI power-down, straight to QMP quit."""
         async with self._lab_lock:
             lab = self.labs.get(lab_name)
             if lab is None:
                 raise NotFound(f"no lab named {lab_name!r} is up")
             with self.events.subscribe() as updates:
-                waiting = {name: sup.submit("stop") for name, sup in lab.supervisors.items()}
+                waiting = {
+                    name: supervisor.submit("stop", graceful)
+                    for name, supervisor in lab.supervisors.items()
+                }
                 async for update in _progress(lab_name, waiting, updates):
                     yield update
             for task in lab.tasks_to_end():

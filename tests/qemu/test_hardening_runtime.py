@@ -73,3 +73,23 @@ def test_validate_checks_the_file_against_this_host(short_root: Path, qemu_binar
     assert lines[0].startswith(f"{lab}:4: nodes.a.image: image {corrupt}: Could not open")
     assert "Active L1 table offset invalid" in lines[0]
     assert lines[1].startswith(f"{lab}:7: nodes.b.memory: 100000000 MiB of RAM is more than")
+
+
+def test_a_paused_vm_is_stopped_without_waiting_for_acpi(
+    qlinkd: Callable[..., Qlinkd], short_root: Path, guest_files: GuestFiles
+) -> None:
+    """A paused guest cannot answer an ACPI power-down: `down` of 20 paused VMs waited out
+    the power-down timeout (30 s). The ladder now asks QEMU whether the vCPUs run first."""
+    daemon = qlinkd("--powerdown-timeout", "30")
+    lab = write_lab(
+        short_root,
+        f"""\
+        name: paused
+        defaults: {{memory: 64, accel: tcg, kernel: {guest_files.kernel}, extra_args: [-S]}}
+        nodes: {{a: {{}}, b: {{}}}}
+        """,
+    )
+    daemon.ctl_ok("up", str(lab))
+    daemon.ctl_ok("stop", "a")
+    assert daemon.status()["paused/a"]["last_exit"] == "stopped by quit"
+    daemon.ctl_ok("down", "paused")
