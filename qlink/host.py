@@ -19,6 +19,7 @@ import structlog
 from qlink import kvm_probe
 from qlink.errors import HostError
 from qlink.kvm_probe import KvmVerdict
+from qlink.limits import HostResources
 from qlink.plan.argv import HostFacts
 
 log = structlog.get_logger(__name__)
@@ -224,3 +225,47 @@ def describe_host_without_qemu() -> HostFacts:
 
 def missing_files(paths: list[str]) -> list[str]:
     return [path for path in paths if not Path(path).is_file()]
+
+
+def host_memory_mib() -> int:
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    raise HostError("/proc/meminfo has no MemTotal line")
+
+
+def image_problem(path: str) -> str | None:
+    """Why `path` cannot back a qcow2 overlay, in qemu-img's words; None when it can (or when
+    qemu-img is not installed to tell: the launch says so then)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None or not Path(path).is_file():
+        return None  # a missing file is reported as such, by the file check
+    try:
+        result = subprocess.run(
+            [qemu_img, "info", "--output=json", "--backing-chain", "-U", path],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return "qemu-img info did not answer within 30 s"
+    if result.returncode != 0:
+        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+        return (
+            lines[-1].removeprefix("qemu-img: ")
+            if lines
+            else f"qemu-img exited {result.returncode}"
+        )
+    try:
+        chain = json.loads(result.stdout)
+    except ValueError:
+        return "qemu-img info gave no JSON"
+    top = chain[0] if isinstance(chain, list) and chain else {}
+    if not isinstance(top, dict) or not isinstance(top.get("format"), str):
+        return "qemu-img could not tell its format"
+    return None
+
+
+def host_resources() -> HostResources:
+    """This host's memory, CPU threads and an image check, for `validate` and `up`."""
+    cpus = len(os.sched_getaffinity(0))
+    return HostResources(memory_mib=host_memory_mib(), cpus=cpus, image_problem=image_problem)

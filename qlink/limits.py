@@ -7,7 +7,8 @@ of at launch. The host's own limits (its RAM, KVM's vCPU count) are the host pro
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qlink.yamlload import Location
@@ -104,3 +105,48 @@ def _phys_bits(accel: str | None, cpu: str | None) -> int:
         return DEFAULT_PHYS_BITS
     # qlink writes `-cpu host` under KVM when the file names no model.
     return MAX_PHYS_BITS if model in ("", "host", "max") else DEFAULT_PHYS_BITS
+
+
+@dataclass(frozen=True, slots=True)
+class HostResources:
+    """What this host can give a VM, for `validate` and `up` to check a file against
+    (`host.host_resources` reads them; tests pass their own)."""
+
+    memory_mib: int
+    cpus: int
+    image_problem: Callable[[str], str | None]
+    """Why a disk image cannot back a node's overlay (unreadable, not an image, a backing
+    file missing), or None when it can."""
+
+
+def beyond_host(
+    name: str, settings: NodeSettings, merged: NodeSettings, image: str | None, host: HostResources
+) -> Iterator[tuple[Location, str]]:
+    """A node asking for more than this host has, blamed where it was set; `image` is the
+    node's image path as resolved against the file's folder."""
+
+    def where(field: str) -> Location:
+        return (
+            ("nodes", name, field) if getattr(settings, field) is not None else ("defaults", field)
+        )
+
+    assert merged.cpus is not None
+    assert merged.memory is not None
+    if merged.memory > host.memory_mib:
+        yield (
+            where("memory"),
+            (
+                f"{merged.memory} MiB of RAM is more than this host has ({host.memory_mib} MiB): "
+                "QEMU would start and the host would swap or kill it"
+            ),
+        )
+    if merged.cpus > host.cpus:
+        yield (
+            where("cpus"),
+            (
+                f"{merged.cpus} vCPUs is more than this host's {host.cpus} CPU threads: each vCPU "
+                "is a thread, and more than the host runs at once only slows every guest"
+            ),
+        )
+    if image is not None and (problem := host.image_problem(image)):
+        yield where("image"), f"image {image}: {problem}"

@@ -17,7 +17,7 @@ from qlink import logs
 from qlink.api.app import serve_api
 from qlink.daemon import Daemon
 from qlink.errors import HostError, QlinkError
-from qlink.host import probe_host
+from qlink.host import host_resources, probe_host
 from qlink.plan.paths import Layout, layout_from
 from qlink.policy import Backoff, Liveness, SupervisorSettings
 from qlink.runtime.process import StopTimeouts
@@ -54,7 +54,8 @@ async def run_daemon(layout: Layout, settings: SupervisorSettings) -> None:
     RootLock(layout.daemon_lock).acquire()
     # A first probe runs QEMU (~0.1 s, up to its timeout on a broken KVM): not on the loop.
     host = await asyncio.to_thread(probe_host)
-    daemon = Daemon(layout, host, settings)
+    resources = await asyncio.to_thread(host_resources)
+    daemon = Daemon(layout, host, settings, resources=resources)
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -83,6 +83,7 @@ class _VmMachine:
         # The reason of the guest's last SHUTDOWN event: it tells a clean power-off from a
         # crash when the exit status is unknown (an adopted QEMU is not our child).
         self._shutdown_reason: str | None = None
+        self._kill_cause: str | None = None
         self._process: ProcessHandle | None = None
         self._qmp: MonitorHandle | None = None
         self._log = log.bind(lab=plan.lab, node=plan.name)
@@ -290,15 +291,18 @@ class _VmMachine:
         policy = self.plan.node.restart
         restart = policy == "always" or (policy == "on-failure" and not exit_status.clean)
         self.status.last_exit = exit_status.describe()
+        # A QEMU the supervisor killed for hanging: the hang is the cause, not the SIGKILL.
+        cause, self._kill_cause = self._kill_cause or exit_status.describe(), None
         self._log.warning("vm_exited", exit=exit_status.describe(), uptime=round(uptime, 1))
         if uptime >= self._settings.backoff.healthy_after:
             self.status.failures = 0
         if not restart:
             # RUNNING → STOPPED (a clean exit) or FAILED (a failure the policy leaves down).
             final = VmState.STOPPED if exit_status.clean else VmState.FAILED
-            self._set_state(final, pid=None, started_at=None)
+            failed = {} if exit_status.clean else {"last_error": cause}
+            self._set_state(final, pid=None, started_at=None, **failed)
             return False, None
-        return await self._backoff_or_fail(exit_status.describe(), None)
+        return await self._backoff_or_fail(cause, None)
 
     async def _serve_running(self) -> ExitStatus | Command | None:
         """RUNNING until something ends it. Returns the exit status of a VM that ended by
@@ -316,7 +320,7 @@ class _VmMachine:
             if hung is not None:
                 # RUNNING, hung → killed: from here on it is handled like any crash.
                 self._log.error("vm_hung", reason=hung.reason)
-                self.status.last_error = f"hung: {hung.reason}"
+                self._kill_cause = f"hung: {hung.reason}"
                 process.send_signal(signal.SIGKILL)
                 exited = await process.wait()
             if exited is not None:

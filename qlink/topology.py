@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from qlink.errors import ConfigError, ConfigIssue
-from qlink.limits import beyond_qemu
+from qlink.limits import HostResources, beyond_host, beyond_qemu
 from qlink.screen import screen_extra_args
 from qlink.sourcefile import MAX_TOPOLOGY_BYTES, read_topology_text, too_big
 from qlink.yamlload import Location, load_document
@@ -290,12 +290,16 @@ def _user_location(location: Location) -> Location:
 
 
 def parse_topology_text(
-    text: str, source: str, file_exists: Callable[[str], bool] | None = None
+    text: str,
+    source: str,
+    file_exists: Callable[[str], bool] | None = None,
+    host: HostResources | None = None,
 ) -> Lab:
     """Validate topology text; `source` names it in errors and anchors relative paths.
 
     With `file_exists`, a kernel, initrd or image that is not there is an error at the line
-    that names it; without, the files are not looked at.
+    that names it; without, the files are not looked at. With `host`, so is a node asking
+    for more memory or CPUs than the host has, or an image that cannot back an overlay.
     """
     _check_text(text, source)
     document, positions = load_document(text, source)
@@ -320,6 +324,8 @@ def parse_topology_text(
     lab = _resolve(topology, source)
     if file_exists is not None:
         problems += _missing_files(topology, lab, file_exists)
+    if host is not None and not problems:  # an image that is not there is said once
+        problems += _beyond_host(topology, lab, host)
     if problems:
         raise ConfigError(
             [
@@ -330,9 +336,23 @@ def parse_topology_text(
     return lab
 
 
-def load_topology(path: str | Path, file_exists: Callable[[str], bool] | None = None) -> Lab:
+def load_topology(
+    path: str | Path,
+    file_exists: Callable[[str], bool] | None = None,
+    host: HostResources | None = None,
+) -> Lab:
     """Read and validate a topology file (see `read_topology_text`, `parse_topology_text`)."""
-    return parse_topology_text(read_topology_text(path), str(path), file_exists)
+    return parse_topology_text(read_topology_text(path), str(path), file_exists, host)
+
+
+def _beyond_host(topology: Topology, lab: Lab, host: HostResources) -> list[tuple[Location, str]]:
+    return [
+        problem
+        for name, settings in topology.nodes.items()
+        for problem in beyond_host(
+            name, settings, _merge(topology.defaults, settings), lab.nodes[name].image, host
+        )
+    ]
 
 
 def _check_text(text: str, source: str) -> None:

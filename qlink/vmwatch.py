@@ -40,7 +40,7 @@ async def watch(
     async with asyncio.TaskGroup() as group:
         exited = group.create_task(process.wait())
         commanded = group.create_task(next_command())
-        hung = group.create_task(heartbeat(qmp, liveness))
+        hung = group.create_task(heartbeat(qmp, process, liveness))
         recorder = group.create_task(record_events(qmp, on_event))
         done, _ = await asyncio.wait((exited, commanded, hung), return_when=asyncio.FIRST_COMPLETED)
         for task in (exited, commanded, hung, recorder):
@@ -61,12 +61,21 @@ async def record_events(
             on_event(event["event"], event.get("data", {}))
 
 
-async def heartbeat(qmp: MonitorHandle, liveness: Liveness) -> Hung:
-    """Returns once `misses` query-status in a row went unanswered."""
+async def heartbeat(qmp: MonitorHandle, process: ProcessHandle, liveness: Liveness) -> Hung:
+    """Returns once `misses` query-status in a row went unanswered, or the process was seen
+    stopped `stopped_checks` times in a row."""
     log = structlog.get_logger(__name__)
-    misses = 0
+    loop = asyncio.get_running_loop()
+    misses = stopped = 0
+    next_probe = loop.time() + liveness.interval
     while True:
-        await asyncio.sleep(liveness.interval)
+        await asyncio.sleep(min(liveness.state_interval, max(0.0, next_probe - loop.time())))
+        stopped = stopped + 1 if process.stopped() else 0
+        if stopped >= liveness.stopped_checks:
+            return Hung(f"the QEMU process is stopped (SIGSTOP): seen {stopped} times in a row")
+        if loop.time() < next_probe:
+            continue
+        next_probe = loop.time() + liveness.interval
         try:
             await qmp.execute("query-status", timeout=liveness.timeout)
         except VmError as error:

@@ -61,6 +61,9 @@ class FakeProcess:
         # Shielded, like QemuProcess.wait: a cancelled waiter must not cancel the exit.
         return await asyncio.shield(self._exit)
 
+    def stopped(self) -> bool:
+        return signal.SIGSTOP in self.signals and signal.SIGCONT not in self.signals
+
     def send_signal(self, signum: signal.Signals) -> None:
         self.signals.append(signum)
         if signum in (signal.SIGTERM, signal.SIGKILL):

@@ -10,18 +10,22 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from qlink.api.app import serve_api
+from qlink.cli.client import Client
 from qlink.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from qlink.cli.main import run
 from qlink.daemon import Daemon
 from qlink.plan.paths import Layout
 from tests.fakes import FakeRuntime
 from tests.test_daemon_core import TRIANGLE, serving, up
+from tests.test_hardening_parse import BOMB_IN_NODES
 
 DEADLINE = 10.0
 LOG = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
@@ -106,3 +110,35 @@ async def test_events_streams_what_happens_as_it_happens(root: Path) -> None:
         lines = out.splitlines()
         assert lines[0].endswith("  tri/c  starting")
         assert "  tri/c  running (pid " in lines[1]
+
+
+async def test_status_keeps_answering_while_hostile_or_huge_files_are_parsed(root: Path) -> None:
+    """A 1 KB alias bomb once froze qlinkd for as long as it parsed (45 s and more), and with
+    it every lab's supervision. Now it is refused at once, and a file near the size cap is
+    parsed off the event loop while `status` keeps answering."""
+    bomb = root / "bomb.yaml"
+    bomb.write_text(BOMB_IN_NODES)
+    huge = root / "huge.yaml"
+    padding = "# " + "x" * 1000 + "\n"
+    huge.write_text(TRIANGLE.replace("name: tri", "name: huge") + padding * 3500)  # ~3.5 MB
+    async with api(root) as daemon:
+        await up(daemon, TRIANGLE)
+        slowest = 0.0
+
+        client = Client(Layout.under(root).control_socket, timeout=10)
+
+        async def watch_status(until: asyncio.Future[Any]) -> None:
+            nonlocal slowest
+            while not until.done():
+                started = time.monotonic()
+                nodes = (await asyncio.to_thread(client.get, "/status"))["nodes"]
+                slowest = max(slowest, time.monotonic() - started)
+                assert len(nodes) == 3
+
+        for lab, expected in ((bomb, EXIT_USAGE), (huge, EXIT_OK)):
+            upping = asyncio.ensure_future(qlinkctl(root, "up", str(lab)))
+            await watch_status(upping)
+            code, _, err = await upping
+            assert code == expected, err
+        assert "alias" in err or code == EXIT_OK
+        assert slowest < 1.0, f"status took {slowest:.2f} s while a file was parsed"

@@ -293,3 +293,13 @@ async def test_a_removed_node_answers_late_callers_at_once(tmp_path: Path) -> No
             await supervisor.retired.wait()
         with pytest.raises(Gone):
             await supervisor.submit("start")
+
+
+async def test_down_force_skips_every_guests_acpi_power_down(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    async with serving(tmp_path, runtime) as daemon:
+        await up(daemon, TRIANGLE)
+        async with asyncio.timeout(DEADLINE):
+            events = [event async for event in daemon.down("tri", graceful=False)]
+        assert events[-1] == {"event": "done", "lab": "tri", "failed": {}}
+        assert [stop.graceful for stop in runtime.stops] == [False, False, False]

@@ -782,3 +782,20 @@ async def test_cancelling_during_backoff_ends_quietly() -> None:
         assert rig.task in done
         assert rig.task.cancelled()
         assert runtime.calls == ["launch"]
+
+
+async def test_a_stopped_process_is_noticed_between_qmp_probes_and_replaced() -> None:
+    """SIGSTOP leaves QMP silent, yet a probe every 30 s took a minute to notice it: the
+    process's state in /proc is read every `state_interval` in between."""
+    settings = dataclasses.replace(
+        SETTINGS, liveness=Liveness(interval=60.0, state_interval=0.01, stopped_checks=3)
+    )
+    async with supervised(settings=settings) as rig:
+        first_pid = (await rig.until(is_state(RUNNING))).pid
+        process = rig.runtime.processes[0]
+        process.send_signal(signal.SIGSTOP)
+        status = await rig.until(running_after(1))
+        assert status.pid != first_pid
+        assert signal.SIGKILL in process.signals
+        assert rig.runtime.monitors[0].commands == []  # no QMP probe was needed
+        assert "stopped (SIGSTOP)" in (rig.hooks.of(BACKOFF)[0].last_error or "")

@@ -351,7 +351,8 @@ def _lab_routes(routes: web.RouteTableDef, daemon: Daemon) -> None:
 
     @routes.delete(API + "/labs/{lab}")
     async def down(request: web.Request) -> web.StreamResponse:
-        return await _stream(request, daemon.down(request.match_info["lab"]))
+        graceful = request.query.get("force", "0") in ("0", "false", "")
+        return await _stream(request, daemon.down(request.match_info["lab"], graceful))
 
 
 def _node_routes(routes: web.RouteTableDef, daemon: Daemon, peer_uid: peer.PeerUid) -> None:

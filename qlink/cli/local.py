@@ -52,10 +52,12 @@ def host_facts_for(lab: Lab) -> HostFacts:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """The file, and whether this host can run it: files there, memory, CPUs, images."""
+    from qlink.host import host_resources
     from qlink.topology import load_topology
 
     logs_to_stderr()
-    lab = load_topology(args.file, file_exists=file_exists)
+    lab = load_topology(args.file, file_exists=file_exists, host=host_resources())
     links = len(lab.links)
     print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
     return EXIT_OK

@@ -86,7 +86,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    return _follow(args, client_for(args).stream("DELETE", f"/labs/{args.lab}"))
+    query = "?force=1" if args.force else ""
+    return _follow(args, client_for(args).stream("DELETE", f"/labs/{args.lab}{query}"))
 
 
 def cmd_node_verb(args: argparse.Namespace) -> int:
@@ -349,6 +350,10 @@ def _add_daemon_verbs(commands: Any) -> None:
     down.add_argument("lab")
     down.add_argument("-o", "--output", choices=("text", "json"), default="text")
     down.add_argument("-v", "--verbose", action="store_true")
+    down.add_argument(
+        "--force", action="store_true",
+        help="skip the guests' ACPI power-down: QMP quit at once, then signals",
+    )  # fmt: skip
     down.set_defaults(handler=cmd_down)
 
     status = commands.add_parser("status", help="every node: state, pid, uptime, ports")

@@ -77,6 +77,19 @@ def print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
         return
     headers = ["LAB", "NODE", "STATE", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"]
     print(table(headers, rows))
+    for node in nodes:
+        if only_lab in (None, node["lab"]) and (cause := failure_cause(node)):
+            print(f"{node['lab']}/{node['node']} is {node['state']}: {cause}")
+
+
+def failure_cause(node: dict[str, Any]) -> str | None:
+    """Why a node is down (failed or backing off), in QEMU's own words when it left any:
+    the reason's first line, then what QEMU wrote to stderr, indented."""
+    error = node.get("last_error")
+    if node["state"] not in ("failed", "backoff") or not error:
+        return None
+    first, *rest = str(error).rstrip().splitlines()
+    return first + "".join(f"\n    {line}" for line in rest[-5:])
 
 
 def json_rows(rows: list[dict[str, Any]]) -> str:

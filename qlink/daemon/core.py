@@ -26,6 +26,7 @@ from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
 from qlink.daemon.views import link_row, link_rows, status_rows
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
+from qlink.limits import HostResources
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
 from qlink.plan.paths import Layout
@@ -56,8 +57,11 @@ class Daemon:
         host: HostFacts,
         settings: SupervisorSettings | None = None,
         runtime: Runtime | None = None,
+        resources: HostResources | None = None,
     ) -> None:
         self.layout = layout
+        self.resources = resources
+        """What a lab's nodes are checked against at `up`; None checks no host limits."""
         self.host = host
         self.settings = settings or SupervisorSettings()
         self.labs = Labs()
@@ -146,7 +150,7 @@ class Daemon:
         """Validate a topology off the event loop: no file, however large or hostile, may
         hold up supervision while it is parsed."""
         return await asyncio.to_thread(
-            parse_topology_text, text, source, lambda path: Path(path).is_file()
+            parse_topology_text, text, source, lambda path: Path(path).is_file(), self.resources
         )
 
     async def up(self, lab: Lab, dry_run: bool = False) -> AsyncIterator[Event]:
@@ -298,13 +302,18 @@ class Daemon:
         if lab.carrier is not None:
             lab.carrier.forget(name)
 
-    async def down(self, lab_name: str) -> AsyncIterator[Event]:
+    async def down(self, lab_name: str, graceful: bool = True) -> AsyncIterator[Event]:
+        """Stop every node at once (each its own ladder, in parallel) and forget the lab;
+        `graceful=False` skips the guests' ACPI power-down, straight to QMP quit."""
         async with self._lab_lock:
             lab = self.labs.get(lab_name)
             if lab is None:
                 raise NotFound(f"no lab named {lab_name!r} is up")
             with self.events.subscribe() as updates:
-                waiting = {name: sup.submit("stop") for name, sup in lab.supervisors.items()}
+                waiting = {
+                    name: supervisor.submit("stop", graceful)
+                    for name, supervisor in lab.supervisors.items()
+                }
                 async for update in _progress(lab_name, waiting, updates):
                     yield update
             for task in lab.tasks_to_end():

@@ -116,6 +116,14 @@ class QemuProcess:
             return result.si_status
         return -result.si_status
 
+    def stopped(self) -> bool:
+        if self.exited:
+            return False  # its PID may be someone else's by now
+        try:
+            return read_stat(self.pid).state == "T"  # not `t`: a debugger holds it on purpose
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+
     def send_signal(self, signum: signal.Signals) -> None:
         if self.exited:
             return
@@ -287,6 +295,10 @@ async def launch(
         raise LaunchError(f"cannot launch: {error}", argv, None, "") from error
 
 
+EXIT_GRACE = 1.0
+"""After QMP broke off during a launch, how long QEMU gets to show that it exited."""
+
+
 async def _launch(
     argv: Sequence[str], paths: NodePaths, timeout: float, qmp_name: str, watcher: CreationWatcher
 ) -> tuple[QemuProcess, QmpSession]:
@@ -315,9 +327,20 @@ async def _launch(
                     )
                 qmp = await QmpSession.connect(qmp_name, paths.qmp_socket, timeout)
         except BaseException as error:
+            # QEMU makes its chardevs before its devices: one that refuses a device (or its
+            # memory) exits right after QMP listened. Its exit and its own words are the
+            # cause, not the QMP connection it broke off.
+            gone = isinstance(error, VmError) and await _gone_within(process, EXIT_GRACE)
             await _reap_failed_launch(process)
             if isinstance(error, LaunchError):
                 raise
+            if gone and (status := process.exit_status) is not None:
+                raise LaunchError(
+                    f"QEMU {status.describe()} during start-up",
+                    argv,
+                    status.returncode,
+                    _tail(paths.qemu_log, log_start),
+                ) from error
             if isinstance(error, TimeoutError | VmError):
                 raise LaunchError(
                     f"QEMU did not become ready within {timeout:g} s",
