@@ -324,7 +324,7 @@ def parse_topology_text(
     lab = _resolve(topology, source)
     if file_exists is not None:
         problems += _missing_files(topology, lab, file_exists)
-    if host is not None and not problems:  # an image that is not there is said once
+    if host is not None:  # an image that is not there is reported once: by the file check
         problems += _beyond_host(topology, lab, host)
     if problems:
         raise ConfigError(

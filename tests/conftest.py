@@ -3,8 +3,10 @@ a test started outlives it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import selectors
 import shutil
 import signal
 import socket
@@ -143,6 +145,16 @@ class Qlinkd:
         )
         return result.stdout
 
+    @contextlib.contextmanager
+    def events(self) -> Iterator[EventStream]:
+        """`qlinkctl events -o json` running beside the test: wait on what the daemon says
+        happened instead of polling `status`."""
+        stream = EventStream(self.root)
+        try:
+            yield stream
+        finally:
+            stream.close()
+
     def status(self) -> dict[str, dict[str, Any]]:
         rows = json.loads(self.ctl_ok("status", "-o", "json"))
         return {f"{row['lab']}/{row['node']}": row for row in rows}
@@ -154,6 +166,48 @@ class Qlinkd:
 
     def stop(self) -> None:
         self.kill(signal.SIGTERM)
+
+
+class EventStream:
+    """The daemon's events, one JSON object a line, from a `qlinkctl events` subprocess.
+    Ready once the daemon has confirmed the subscription: nothing after that is missed."""
+
+    def __init__(self, root: Path, timeout: float = 30.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "qlink.cli", "--root", str(root), "events", "-o", "json"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert self.process.stdout is not None
+        self._stdout = self.process.stdout
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._stdout, selectors.EVENT_READ)
+        self._buffer = b""
+        self.seen: list[dict[str, Any]] = []
+        self.until(lambda event: event["event"] == "subscribed", timeout)
+
+    def until(self, wanted: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        """The first event (from now on) that `wanted` accepts; fails after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                event: dict[str, Any] = json.loads(line)
+                self.seen.append(event)
+                if wanted(event):
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._selector.select(left):
+                raise AssertionError(f"no such event within {timeout} s; seen: {self.seen}")
+            chunk = os.read(self._stdout.fileno(), 65536)
+            if not chunk:
+                raise AssertionError(f"qlinkctl events ended; seen: {self.seen}")
+            self._buffer += chunk
+
+    def close(self) -> None:
+        self._selector.close()
+        self.process.kill()
+        self.process.wait()
+        self._stdout.close()
 
 
 @pytest.fixture

@@ -95,6 +95,7 @@ async def test_events_streams_what_happens_as_it_happens(root: Path) -> None:
         code, out, _ = await following
         events = [json.loads(line) for line in out.splitlines()]
         assert code == EXIT_OK
+        assert events.pop(0) == {"event": "subscribed"}
         assert [(e["event"], e.get("node"), e.get("state")) for e in events[:2]] == [
             ("node_state", "c", "stopping"),
             ("node_state", "c", "stopped"),

@@ -246,6 +246,9 @@ def cmd_events(args: argparse.Namespace) -> int:
     try:
         for event in client_for(args).stream("GET", f"/events{query}"):
             if event.get("event") == "subscribed":
+                # For scripts: from this line on, nothing that happens is missed.
+                if args.output == "json":
+                    print(json.dumps(event), flush=True)
                 continue
             line = json.dumps(event) if args.output == "json" else event_line(event)
             if line is None:

@@ -3,6 +3,8 @@ in its own words, and `validate` checks a file against this host (its memory, it
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -93,3 +95,30 @@ def test_a_paused_vm_is_stopped_without_waiting_for_acpi(
     daemon.ctl_ok("stop", "a")
     assert daemon.status()["paused/a"]["last_exit"] == "stopped by quit"
     daemon.ctl_ok("down", "paused")
+
+
+def test_a_stopped_qemu_is_replaced_within_seconds(
+    qlinkd: Callable[..., Qlinkd], short_root: Path, guest_files: GuestFiles
+) -> None:
+    """SIGSTOP took 66 s to be noticed (a QMP probe every 30 s, two misses): /proc tells at
+    once, and costs nothing between the probes."""
+    daemon = qlinkd(*FAST)  # the default liveness: QMP every 30 s
+    lab = write_lab(
+        short_root,
+        f"""\
+        name: stop
+        defaults: {{memory: 64, accel: tcg, kernel: {guest_files.kernel}, extra_args: [-S]}}
+        nodes: {{a: {{}}}}
+        """,
+    )
+    daemon.ctl_ok("up", str(lab))
+    pid = daemon.status()["stop/a"]["pid"]
+    with daemon.events() as events:
+        started = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        backoff = events.until(lambda e: e.get("state") == "backoff" and e["node"] == "a", 20)
+        noticed = time.monotonic() - started
+        back = events.until(lambda e: e.get("state") == "running" and e["node"] == "a", 30)
+    assert noticed < 10, f"a stopped QEMU was noticed after {noticed:.1f} s"
+    assert back["pid"] != pid
+    assert "stopped (SIGSTOP)" in backoff["last_error"]
