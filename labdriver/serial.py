@@ -130,6 +130,10 @@ class GuestConsole:
         await self._writer.drain()
         return start
 
+    async def type_line(self, line: str) -> None:
+        """Type a line and wait for nothing (`reboot -f` never answers)."""
+        await self._send(line)
+
     async def run_rc(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
         """Run a shell command; returns its exit status and its output (without the echo).
 

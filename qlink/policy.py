@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlink.runtime.process import StopTimeouts
-from qlink.states import VmState
+from qlink.states import SERVES_QMP, VmState
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,8 @@ class VmStatus:
     last_error: str | None = None
     last_event: str | None = None
     next_start_at: float | None = None
+    ready_at: float | None = None
+    """When the guest said it is ready (its node's `ready:`), since its last (re)boot."""
 
     def as_dict(self) -> dict[str, Any]:
         now = time.time()
@@ -87,9 +89,19 @@ class VmStatus:
             "last_exit": self.last_exit,
             "last_error": self.last_error,
             "last_event": self.last_event,
+            "time_to_ready": (
+                round(self.ready_at - self.started_at, 1)
+                if self.ready_at is not None and self.started_at is not None
+                else None
+            ),
             "next_start_in": (
                 round(max(0.0, self.next_start_at - now), 1)
                 if self.next_start_at is not None
                 else None
             ),
         }
+
+
+def is_ready(status: VmStatus, watched: bool) -> bool:
+    """Running, and its guest said so when its node has a `ready:` pattern (`watched`)."""
+    return status.state in SERVES_QMP and (not watched or status.ready_at is not None)

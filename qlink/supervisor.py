@@ -34,6 +34,7 @@ from qlink.policy import SupervisorSettings, VmStatus
 from qlink.runtime.handles import MonitorHandle, ProcessHandle, Runtime, VmRuntime
 from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity
 from qlink.states import IDLE, SERVES_QMP, VmState
+from qlink.vmready import ReadyWatch
 from qlink.vmwatch import watch
 
 log = structlog.get_logger(__name__)
@@ -88,6 +89,7 @@ class _VmMachine:
         self._qmp: MonitorHandle | None = None
         self._log = log.bind(lab=plan.lab, node=plan.name)
         self._state_waiters: list[tuple[Callable[[VmStatus], bool], asyncio.Future[None]]] = []
+        self._ready = ReadyWatch(plan, self.status, self._changed, self._log)
         # Set once the supervisor knows whether it adopted a running VM: before that its
         # status says nothing true, so the daemon waits for it before serving.
         self.settled = asyncio.Event()
@@ -125,6 +127,7 @@ class _VmMachine:
             if command.name == "configure":
                 assert command.configuration is not None
                 self.plan, self.argv = command.configuration
+                self._ready.configure(self.plan)
                 self._finish(command)
             elif command.name == "call" and self.status.state not in SERVES_QMP:
                 self._finish(command, NotRunning(self.name, self.status.state.value))
@@ -143,6 +146,10 @@ class _VmMachine:
         for key, value in changes.items():
             setattr(self.status, key, value)
         self._log.info("vm_state", state=state.value, previous=previous.value, pid=self.status.pid)
+        self._changed()
+
+    def _changed(self) -> None:
+        """After any change of the status: the daemon hears of it, waiters are woken."""
         self._hooks.state_changed(self.plan, self.status)
         for predicate, future in list(self._state_waiters):
             if not future.done() and predicate(self.status):
@@ -165,6 +172,7 @@ class _VmMachine:
             self._hooks.record_process(self.plan, None)
             return False
         self._process, self._qmp = process, qmp
+        self._ready.adopted()
         # Adopted VMs are running: the transition is the daemon learning it, not a start.
         self._set_state(VmState.RUNNING, pid=identity.pid, started_at=identity.start_time)
         self._log.info("vm_adopted", pid=identity.pid)
@@ -224,6 +232,7 @@ class _VmMachine:
         self._shutdown_reason = None
         await self._hooks.check_ports(self.plan)
         await self._hooks.prepare_files(self.plan)
+        self._ready.launching()
         process, qmp = await self._runtime.launch(
             self.argv,
             self.plan,
@@ -307,6 +316,10 @@ class _VmMachine:
     async def _serve_running(self) -> ExitStatus | Command | None:
         """RUNNING until something ends it. Returns the exit status of a VM that ended by
         itself, the restart command an operator gave, or None after an operator's stop."""
+        async with self._ready.following():
+            return await self._serve_running_loop()
+
+    async def _serve_running_loop(self) -> ExitStatus | Command | None:
         process, qmp = self._process, self._qmp
         assert process is not None
         assert qmp is not None
@@ -379,12 +392,14 @@ class _VmMachine:
             await self._qmp.close()
         self._process, self._qmp = None, None
         self._hooks.record_process(self.plan, None)
+        self._ready.gone()
 
     def _on_event(self, name: str, data: dict[str, Any]) -> None:
         self.status.last_event = name
         if name == "RESET":
             # A guest reboot happens inside the same QEMU: not a crash, no restart.
             self._log.info("vm_guest_reset", guest=data.get("guest"))
+            self._ready.guest_reset()
         elif name == "SHUTDOWN":
             reason = data.get("reason")
             self._shutdown_reason = reason if isinstance(reason, str) else None

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from qlink.errors import ConfigError, ConfigIssue
+from qlink.guestspec import Readiness
 from qlink.limits import HostResources, beyond_host, beyond_qemu
 from qlink.screen import screen_extra_args
 from qlink.sourcefile import MAX_TOPOLOGY_BYTES, read_topology_text, too_big
@@ -105,6 +106,9 @@ class NodeSettings(_Strict):
         default=None, description="a user-mode NIC with the guest's SSH on a host port"
     )
     restart: RestartPolicy | None = None
+    ready: Readiness | None = Field(
+        default=None, description="when the guest counts as ready: {console: REGEX}"
+    )
     extra_args: tuple[str, ...] | None = Field(
         default=None,
         description="QEMU options appended last, screened against what qlink owns "
@@ -231,6 +235,7 @@ class Node(_Strict):
     nic_model: NicModel
     mgmt: bool
     restart: RestartPolicy
+    ready: Readiness | None = None
     extra_args: tuple[str, ...]
 
 

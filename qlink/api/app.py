@@ -48,6 +48,7 @@ from qlink.errors import (
 from qlink.sourcefile import MAX_TOPOLOGY_BYTES
 
 API = "/v1"
+WAIT_LIMIT = 24 * 3600.0
 
 log = structlog.get_logger("qlinkd")
 
@@ -363,6 +364,20 @@ def _node_routes(routes: web.RouteTableDef, daemon: Daemon, peer_uid: peer.PeerU
             request.match_info["node"], request.match_info["verb"], graceful
         )
         return web.json_response({"node": request.match_info["node"], **status.as_dict()})
+
+    @routes.post(f"{API}/wait")
+    async def wait(request: web.Request) -> web.StreamResponse:
+        """`?node=N&node=M&timeout=S`: answered once they are ready (every node when none is
+        named), or at the timeout with those that are not."""
+        try:
+            timeout = float(request.query.get("timeout", "300"))
+        except ValueError:
+            raise Invalid("timeout= is a number of seconds") from None
+        if not 0 < timeout <= WAIT_LIMIT:
+            raise Invalid(f"timeout= is more than 0 and at most {WAIT_LIMIT:g} seconds")
+        nodes = request.query.getall("node", [])
+        not_ready = await daemon.wait_ready(nodes, timeout)
+        return web.json_response({"not_ready": not_ready})
 
     @routes.post(API + "/links/{endpoint:.+}/{state:up|down}")
     async def link_state(request: web.Request) -> web.StreamResponse:

@@ -79,10 +79,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     request = {"source": str(path), "text": text}
     if args.dry_run:
         args.verbose = True  # the plan is the whole answer of a dry run
-    code = _follow(args, client_for(args).stream("POST", f"/labs{query}", request))
+    labs: list[str] = []
+
+    def remembering(events: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for event in events:
+            labs.append(event.get("lab", ""))
+            yield event
+
+    code = _follow(args, remembering(client_for(args).stream("POST", f"/labs{query}", request)))
+    if code == EXIT_OK and args.wait and not args.dry_run and labs:
+        nodes = [row for row in client_for(args).get("/status")["nodes"] if row["lab"] == labs[-1]]
+        code = _wait_for(args, [f"{row['lab']}/{row['node']}" for row in nodes])
     if code == EXIT_OK and args.output == "text" and not args.dry_run:
         print_status(client_for(args).get("/status")["nodes"], only_lab=None)
     return code
+
+
+def _wait_for(args: argparse.Namespace, nodes: list[str]) -> int:
+    """Until every node in `nodes` (every node, when empty) is ready, or --timeout."""
+    query = "&".join([f"timeout={args.timeout:g}", *(f"node={node}" for node in nodes)])
+    not_ready: dict[str, str] = client_for(args).post(f"/wait?{query}")["not_ready"]
+    for node, why in not_ready.items():
+        print(f"qlinkctl: {node} is not ready: {why}", file=sys.stderr)
+    return EXIT_FAILED if not_ready else EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _wait_for(args, args.nodes)
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -347,7 +370,19 @@ def _add_daemon_verbs(commands: Any) -> None:
     up.add_argument(
         "--dry-run", action="store_true", help="say what would change on a running lab, and why"
     )
+    up.add_argument(
+        "--wait", action="store_true", help="then wait until every node of the lab is ready"
+    )
+    up.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                    help="how long --wait waits (default 600)")  # fmt: skip
     up.set_defaults(handler=cmd_up)
+
+    wait = commands.add_parser(
+        "wait", help="until nodes are ready (their `ready:` line seen); exit 1 at the timeout"
+    )
+    wait.add_argument("nodes", nargs="*", metavar="NODE", help="NODE or LAB/NODE (default: all)")
+    wait.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS")
+    wait.set_defaults(handler=cmd_wait)
 
     down = commands.add_parser("down", help="stop every node of a lab and forget it")
     down.add_argument("lab")

@@ -64,7 +64,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     rows = [
         [
-            node["lab"], node["node"], node["state"], node.get("accel") or "-",
+            node["lab"], node["node"], node["state"], ready_text(node), node.get("accel") or "-",
             str(node["pid"] or "-"),
             duration(node["uptime"]), str(node["restarts"]), node["ssh"] or "-",
             " ".join(f"{iface}:{port}" for iface, port in node["ports"].items()) or "-",
@@ -75,11 +75,22 @@ def print_status(nodes: list[dict[str, Any]], only_lab: str | None) -> None:
     if not rows:
         print("no labs are up")
         return
-    headers = ["LAB", "NODE", "STATE", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH", "PORTS"]
+    headers = ["LAB", "NODE", "STATE", "READY", "ACCEL", "PID", "UPTIME", "RESTARTS", "SSH",
+               "PORTS"]  # fmt: skip
     print(table(headers, rows))
     for node in nodes:
         if only_lab in (None, node["lab"]) and (cause := failure_cause(node)):
             print(f"{node['lab']}/{node['node']} is {node['state']}: {cause}")
+
+
+def ready_text(node: dict[str, Any]) -> str:
+    """`yes (12s)`: ready, that long after its QEMU started; `no`; `-` when not running."""
+    if node["state"] != "running":
+        return "-"
+    if not node.get("ready"):
+        return "no"
+    after = node.get("time_to_ready")
+    return f"yes ({duration(after)})" if after is not None else "yes"
 
 
 def failure_cause(node: dict[str, Any]) -> str | None:

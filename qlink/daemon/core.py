@@ -24,7 +24,7 @@ from qlink.daemon.events import Event, EventBus, Subscription
 from qlink.daemon.hooks import DaemonHooks, check_node_ports
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
-from qlink.daemon.views import link_row, link_rows, status_rows
+from qlink.daemon.views import is_ready, link_row, link_rows, not_ready_because, status_rows
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.limits import HostResources
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
@@ -37,6 +37,7 @@ from qlink.runtime.ports import check_udp_ports_free
 from qlink.runtime.ports import ports_in_use as host_ports_in_use
 from qlink.runtime.process import CreationWatcher, ProcessIdentity
 from qlink.state import load_allocations, save_allocations
+from qlink.states import IDLE
 from qlink.supervisor import VmSupervisor
 from qlink.topology import Lab, parse_topology_text
 
@@ -389,6 +390,25 @@ class Daemon:
         with contextlib.suppress(QlinkError):  # a QEMU that is gone took its filter along
             await supervisor.call(remove_filter)
 
+    async def wait_ready(self, references: list[str], timeout: float) -> dict[str, str]:
+        """Until every named node (every node of every lab, when none is named) is ready;
+        returns the ones that are not, with why, once `timeout` passed or none of them can
+        get there any more (failed or stopped)."""
+        targets = (
+            [self.labs.find_node(reference) for reference in references]
+            if references
+            else [(lab, supervisor) for lab in self.labs for supervisor in lab.supervisors.values()]
+        )
+        waits = [supervisor.wait_for(_ready_or_idle(supervisor)) for _, supervisor in targets]
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*waits)
+        return {
+            f"{lab.name}/{supervisor.name}": not_ready_because(supervisor)
+            for lab, supervisor in targets
+            if not is_ready(supervisor)
+        }
+
     # --- read models --------------------------------------------------------------------
 
     def status(self) -> list[dict[str, Any]]:
@@ -399,6 +419,10 @@ class Daemon:
 
     def subscribe(self) -> contextlib.AbstractContextManager[Subscription]:
         return self.events.subscribe()
+
+
+def _ready_or_idle(supervisor: VmSupervisor) -> Callable[[VmStatus], bool]:
+    return lambda status: is_ready(supervisor) or status.state in IDLE
 
 
 def _quietly(future: asyncio.Future[Any]) -> None:

@@ -13,7 +13,7 @@ from qlink.daemon.labs import Labs
 from qlink.daemon.records import LabStore
 from qlink.plan.lab import NodePlan
 from qlink.plan.paths import Layout
-from qlink.policy import VmStatus
+from qlink.policy import VmStatus, is_ready
 from qlink.runtime.ports import check_tcp_port_free, check_udp_ports_free
 from qlink.runtime.process import ProcessIdentity, create_overlay
 from qlink.runtime.sshkey import ensure_ssh_credential
@@ -54,7 +54,10 @@ class DaemonHooks:
         self._store.record_process(plan, identity)
 
     def state_changed(self, plan: NodePlan, status: VmStatus) -> None:
-        self._events.publish("node_state", lab=plan.lab, node=plan.name, **status.as_dict())
+        ready = is_ready(status, plan.node.ready is not None)
+        self._events.publish(
+            "node_state", lab=plan.lab, node=plan.name, **status.as_dict(), ready=ready
+        )
         lab = self._labs.get(plan.lab)
         if lab is not None and lab.carrier is not None and plan.name in lab.supervisors:
             lab.carrier.node_changed(plan.name, status)

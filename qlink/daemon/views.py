@@ -6,6 +6,9 @@ from typing import Any
 
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.plan.argv import HostFacts
+from qlink.policy import is_ready as policy_is_ready
+from qlink.states import SERVES_QMP
+from qlink.supervisor import VmSupervisor
 from qlink.topology import Link
 
 
@@ -23,6 +26,7 @@ def status_rows(labs: Labs, host: HostFacts) -> list[dict[str, Any]]:
                     "lab": lab.name,
                     "node": name,
                     **supervisor.status.as_dict(),
+                    "ready": is_ready(supervisor),
                     "accel": host.accel_for(plan.node.accel),
                     "ports": {nic.interface: nic.local_port for nic in plan.nics},
                     "ssh": f"{mgmt.host_address}:{mgmt.ssh_port}" if mgmt is not None else None,
@@ -58,3 +62,15 @@ def link_row(lab: LabRuntime, link: Link) -> dict[str, Any]:
         )
     admin = "down" if link.key in lab.record.links_down else "up"
     return {"lab": lab.name, "link": link.key, "admin": admin, "a": ends[0], "b": ends[1]}
+
+
+def is_ready(supervisor: VmSupervisor) -> bool:
+    return policy_is_ready(supervisor.status, supervisor.plan.node.ready is not None)
+
+
+def not_ready_because(supervisor: VmSupervisor) -> str:
+    status, ready = supervisor.status, supervisor.plan.node.ready
+    if status.state in SERVES_QMP and ready is not None:
+        return f"running, but no console line matched {ready.console!r} yet"
+    cause = f": {status.last_error.splitlines()[0]}" if status.last_error else ""
+    return f"{status.state.value}{cause}"

@@ -28,6 +28,7 @@ def pair_lab(root: Path, guest: GuestFiles) -> Path:
           memory: 256
           kernel: {guest.kernel}
           initrd: {guest.initrd}
+          ready: {{console: "qlink-ready name="}}
         nodes:
           r1: {{append: "console=ttyS0 qlink.name=r1 qlink.addr=eth1=10.0.12.0/31"}}
           r2: {{append: "console=ttyS0 qlink.name=r2 qlink.addr=eth1=10.0.12.1/31", mgmt: true}}
@@ -86,6 +87,19 @@ def assert_ssh_reaches_r2(daemon: Qlinkd) -> str:
     return ssh_address
 
 
+async def assert_a_guest_reboot_keeps_its_qemu(daemon: Qlinkd, r2: GuestConsole) -> None:
+    """The guest's own reboot is not a crash: same QEMU, readiness lost and found again."""
+    before = daemon.status()["pair/r2"]
+    with daemon.events() as events:
+        await r2.type_line("reboot -f")
+        events.until(lambda e: e.get("node") == "r2" and e.get("ready") is False, 60)
+        back = events.until(lambda e: e.get("node") == "r2" and e.get("ready") is True, 300)
+    after = daemon.status()["pair/r2"]
+    assert back["pid"] == before["pid"] == after["pid"]
+    assert after["restarts"] == before["restarts"]
+    assert after["state"] == "running"
+
+
 def lldp_sources(pcap: bytes) -> dict[str, int]:
     """Source MAC → number of LLDP frames (ethertype 0x88cc) in a pcap file."""
     counts: dict[str, int] = {}
@@ -104,9 +118,11 @@ async def test_cut_cable_carrier_and_capture(
     qlinkd: StartDaemon, short_root: Path, guest_files: GuestFiles
 ) -> None:
     daemon = qlinkd("--powerdown-timeout", "10")
-    daemon.ctl_ok("up", str(pair_lab(short_root, guest_files)))
+    # --wait: until every guest printed its `ready:` line (qlink-ready), seen in its console.
+    daemon.ctl_ok("up", str(pair_lab(short_root, guest_files)), "--wait", "--timeout", "300")
+    rows = [daemon.status()[node] for node in ("pair/r1", "pair/r2")]
+    assert [(row["ready"], 0 < row["time_to_ready"] < 300) for row in rows] == [(True, True)] * 2
     logs = {node: node_paths(short_root, node)[0] for node in ("r1", "r2")}
-    await wait_ready(logs, timeout=300)
     r1 = await GuestConsole.connect("r1", node_paths(short_root, "r1")[1])
     r2 = await GuestConsole.connect("r2", node_paths(short_root, "r2")[1])
     try:
@@ -149,6 +165,7 @@ async def test_cut_cable_carrier_and_capture(
         await until(r1, "cat /sys/class/net/eth1/carrier", "0", 10)
         daemon.ctl_ok("start", "r2")
         await until(r1, "cat /sys/class/net/eth1/carrier", "1", 10)
+        daemon.ctl_ok("wait", "r2", "--timeout", "300")
         await wait_ready({"r2": logs["r2"]}, offsets, timeout=300)
         r2 = await GuestConsole.connect("r2", node_paths(short_root, "r2")[1])
         await r2.run("ping -c 2 -W 2 10.0.12.0")
@@ -157,6 +174,8 @@ async def test_cut_cable_carrier_and_capture(
         assert daemon.status()["pair/r2"]["ssh"] == ssh_address
         output, _ = ssh_until_ok(daemon, "r2", "cat /proc/uptime", 60)
         assert float(output.split()[0]) < 120
+
+        await assert_a_guest_reboot_keeps_its_qemu(daemon, r2)
     finally:
         await r1.close()
         await r2.close()

@@ -1,0 +1,109 @@
+"""Readiness from the console log, without QEMU: the search itself, and a node of a fake
+runtime going ready, losing it on a guest reset, and `wait` answering for it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from qlink.errors import ConfigError
+from qlink.runtime.console_ready import ConsoleReadiness
+from qlink.topology import parse_topology_text
+from tests.fakes import FakeRuntime
+from tests.test_daemon_core import DEADLINE, serving, up
+
+READY_LAB = """\
+name: r
+defaults: {kernel: /k, ready: {console: "login: *$"}}
+nodes:
+  a: {}
+  b: {ready: {console: "qlink-ready name=b"}}
+  c: {ready: null}
+links:
+  - [a:eth1, b:eth1]
+"""
+
+
+async def test_a_line_matches_once_it_is_written_and_earlier_output_does_not_count(
+    tmp_path: Path,
+) -> None:
+    console = tmp_path / "node" / "console.log"
+    console.parent.mkdir()
+    console.write_text("login: \nan old boot\n")
+    search = ConsoleReadiness(console, "login: *$", console.stat().st_size)
+    waiting = asyncio.ensure_future(search.matched())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    with console.open("a") as log:
+        log.write("Debian GNU/Linux 12 r1 ttyS0\n\n")
+        log.flush()
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        log.write("r1 login: ")  # a prompt ends without a newline
+    async with asyncio.timeout(DEADLINE):
+        line = await waiting
+    assert line == "r1 login:"
+
+
+async def test_a_pattern_that_backtracks_forever_never_stalls_the_loop(tmp_path: Path) -> None:
+    console = tmp_path / "console.log"
+    console.write_text("a" * 3000 + "!\n")
+    search = ConsoleReadiness(console, r"^(a|a)*$", 0)
+    started = time.monotonic()
+    waiting = asyncio.ensure_future(search.matched())
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    waiting.cancel()
+    assert time.monotonic() - started < 1.0
+
+
+def test_a_pattern_that_does_not_compile_is_a_located_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_topology_text("name: l\nnodes:\n  a:\n    ready: {console: 'a(b'}\n", "l.yaml")
+    (issue,) = caught.value.issues
+    assert (issue.line, issue.field) == (4, "nodes.a.ready.console")
+    assert "not a regular expression" in issue.message
+
+
+async def test_nodes_turn_ready_lose_it_on_a_guest_reset_and_wait_answers(
+    tmp_path: Path,
+) -> None:
+    runtime = FakeRuntime()
+    async with serving(tmp_path, runtime) as daemon:
+        await up(daemon, READY_LAB)
+        rows = {row["node"]: row for row in daemon.status()}
+        assert {name: row["ready"] for name, row in rows.items()} == {
+            "a": False, "b": False, "c": True,
+        }  # fmt: skip
+        not_ready = await daemon.wait_ready(["r/a"], timeout=0.2)
+        assert not_ready == {"r/a": "running, but no console line matched 'login: *$' yet"}
+
+        lab, supervisor = daemon.labs.find_node("r/a")
+        console = supervisor.plan.paths.console_log
+        with daemon.subscribe() as events:
+            with console.open("a") as log:
+                log.write("a login: ")
+            async with asyncio.timeout(DEADLINE):
+                assert await daemon.wait_ready(["r/a"], timeout=DEADLINE) == {}
+                while (event := await events.get())["event"] != "node_state":
+                    pass
+        assert event["node"] == "a"
+        assert event["ready"] is True
+        assert event["time_to_ready"] is not None
+
+        monitor = runtime.monitors[[p.pid for p in runtime.processes].index(event["pid"])]
+        monitor.inject("RESET", guest=True)
+        await monitor.drained()
+        assert not next(row for row in daemon.status() if row["node"] == "a")["ready"]
+        with console.open("a") as log:
+            log.write("\nrebooting...\na login: ")
+        assert await daemon.wait_ready(["r/a"], timeout=DEADLINE) == {}
+
+        # Every node, none named: b never says its line.
+        assert await daemon.wait_ready([], timeout=0.2) == {
+            "r/b": "running, but no console line matched 'qlink-ready name=b' yet"
+        }
+        del lab
