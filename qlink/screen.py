@@ -69,7 +69,7 @@ QEMU_OPTIONS: Mapping[str, bool] = {
 
 # Exact ids in qlink's argv: the QMP and console chardevs, the boot disk (device id and block
 # node name), the management NIC's netdev and device.
-_QLINK_IDS = frozenset({"qmp", "console", "disk0", "mgmt", "nic-mgmt"})
+_QLINK_IDS = frozenset({"qmp", "console", "disk0", "mgmt", "nic-mgmt", "seed", "seed-disk"})
 # Id families: `net-IF` netdevs, `nic-IF` devices (IF is any interface name), `qlink-brN`
 # bridges, and `qlink*`/`mgmt*` kept for what qlink adds next.
 _QLINK_ID_PREFIXES = ("net-", "nic-", "qlink", "mgmt")

@@ -30,11 +30,11 @@ from pydantic import (
 )
 
 from qlink.errors import ConfigError, ConfigIssue
-from qlink.guestspec import Readiness
+from qlink.guestspec import DayZero, Readiness, day_zero_of
 from qlink.limits import HostResources, beyond_host, beyond_qemu
 from qlink.screen import screen_extra_args
 from qlink.sourcefile import MAX_TOPOLOGY_BYTES, read_topology_text, too_big
-from qlink.yamlload import Location, load_document
+from qlink.yamlload import Location, Positions, load_document
 
 # Names end up inside QEMU's comma-separated options, file paths and log lines: allow-list them.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -108,6 +108,13 @@ class NodeSettings(_Strict):
     restart: RestartPolicy | None = None
     ready: Readiness | None = Field(
         default=None, description="when the guest counts as ready: {console: REGEX}"
+    )
+    cloud_init: str | dict[str, Any] | None = Field(
+        default=None, description="day-0 user-data: a mapping, a block of text, or a file"
+    )
+    network_config: str | dict[str, Any] | None = None
+    vars: dict[str, Any] | None = Field(
+        default=None, description="template values for day-0 documents (node over defaults)"
     )
     extra_args: tuple[str, ...] | None = Field(
         default=None,
@@ -236,6 +243,7 @@ class Node(_Strict):
     mgmt: bool
     restart: RestartPolicy
     ready: Readiness | None = None
+    day0: DayZero | None = None
     extra_args: tuple[str, ...]
 
 
@@ -326,7 +334,7 @@ def parse_topology_text(
             )
         raise ConfigError(issues) from error
     problems = list(_cross_check(topology))
-    lab = _resolve(topology, source)
+    lab = _with_day_zero(topology, _resolve(topology, source), positions, source, problems)
     if file_exists is not None:
         problems += _missing_files(topology, lab, file_exists)
     if host is not None:  # an image that is not there is reported once: by the file check
@@ -480,6 +488,27 @@ def _missing_files(
             yield where, f"no such file: {path}"
 
 
+DAY_ZERO_FIELDS = {"cloud_init", "network_config", "vars"}
+
+
+def _with_day_zero(
+    topology: Topology, lab: Lab, positions: Positions, source: str, problems: list[Any]
+) -> Lab:
+    """The lab with each node's day-0 documents read and located (rendered by the plan)."""
+    base = Path(source).parent if source else Path(".")
+    base = base if base.is_absolute() else Path.cwd() / base
+    nodes = dict(lab.nodes)
+    for name, settings in topology.nodes.items():
+        merged = _merge(topology.defaults, settings).model_dump(include=DAY_ZERO_FIELDS)
+        # One level, as dayzero.merge_vars does (kept here: no Jinja2 import for validate).
+        merged["vars"] = {**(topology.defaults.vars or {}), **(settings.vars or {})}
+        own = settings.model_dump(include=DAY_ZERO_FIELDS)
+        day0 = day_zero_of(name, own, merged, (positions, source, base), problems)
+        if day0 is not None:
+            nodes[name] = nodes[name].model_copy(update={"day0": day0})
+    return lab.model_copy(update={"nodes": nodes})
+
+
 def _merge(defaults: NodeSettings, settings: NodeSettings) -> NodeSettings:
     return NodeSettings.model_validate(
         BUILTIN_DEFAULTS.model_dump(exclude_none=True)
@@ -502,7 +531,7 @@ def _resolve(topology: Topology, source: str) -> Lab:
     nodes: dict[str, Node] = {}
     for name, settings in topology.nodes.items():
         merged = _merge(topology.defaults, settings)
-        fields = merged.model_dump()
+        fields = merged.model_dump(exclude=DAY_ZERO_FIELDS)
         for path_field in ("kernel", "initrd", "image"):
             fields[path_field] = _anchor(fields[path_field], base)
         nodes[name] = Node(name=name, **fields)

@@ -94,3 +94,20 @@ def test_argv_difference_names_added_and_removed_options() -> None:
     assert argv_difference(["q", "-S", "-m", "1"], ["q", "-m", "1", "-S"]) == (
         "option order changed"
     )
+
+
+def test_a_day_zero_change_restarts_that_node_alone() -> None:
+    text = BASE.replace(
+        "defaults: {kernel: /k}",
+        "defaults: {kernel: /k, cloud_init: {hostname: '{{ node }}'}, vars: {asn: 1}}",
+    )
+    plan, allocations = planned(text)
+    edited, _ = planned(text.replace("leaf1: {}", "leaf1: {vars: {asn: 2}}"), allocations)
+    assert plan.nodes["leaf1"].seed == edited.nodes["leaf1"].seed  # asn is not in the template
+    edited, _ = planned(
+        text.replace("leaf1: {}", "leaf1: {cloud_init: {hostname: 'x-{{ node }}'}}"), allocations
+    )
+    change = diff_lab(running(plan), set(), edited, argvs(edited), HOST)
+    assert change.restart == {"leaf1": "day-0 config changed (cloud_init, network_config or vars)"}
+    assert not change.start
+    assert not change.replug

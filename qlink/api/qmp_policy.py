@@ -92,7 +92,12 @@ ROOT_ONLY_PREFIXES: Mapping[str, str] = {
 # `daemon/core.py` (captures) name them; tests/test_api_hardening.py checks every id of every
 # golden plan against these.
 _OWNED_IDS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
-    ("device_del", "id", re.compile(r"nic-.+|qlink-br\d+|disk0"), "a NIC, bridge or disk of qlink"),
+    (
+        "device_del",
+        "id",
+        re.compile(r"nic-.+|qlink-br\d+|disk0|seed-disk"),
+        "a NIC, bridge or disk of qlink",
+    ),
     ("netdev_del", "id", re.compile(r"net-.+|mgmt"), "the backend of a NIC of qlink"),
     ("chardev-remove", "id", re.compile(r"qmp|console"), "qlink's QMP monitor or serial console"),
     ("object-del", "id", re.compile(r"qlink-capture-\d+"), "the filter of a running capture"),

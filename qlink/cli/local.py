@@ -52,12 +52,17 @@ def host_facts_for(lab: Lab) -> HostFacts:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """The file, and whether this host can run it: files there, memory, CPUs, images."""
+    """The file, and whether this host can run it: files there, memory, CPUs, images; and
+    every node's day-0 documents rendered (their templates need the planned interfaces)."""
     from qlink.host import host_resources
+    from qlink.plan.lab import plan_lab
+    from qlink.state import load_allocations
     from qlink.topology import load_topology
 
     logs_to_stderr()
     lab = load_topology(args.file, file_exists=file_exists, host=host_resources())
+    layout = layout_from(args.root)
+    plan_lab(lab, layout, load_allocations(layout))
     links = len(lab.links)
     print(f"{args.file}: lab {lab.name}: {len(lab.nodes)} nodes, {links} links: valid")
     return EXIT_OK

@@ -41,6 +41,10 @@ class LabChange:
         }
 
 
+def _seed_digest(plan: NodePlan) -> str | None:
+    return plan.seed.digest if plan.seed is not None else None
+
+
 def argv_difference(old: list[str], new: list[str]) -> str:
     """The options that differ, as `- -m 256M; + -m 512M`."""
     before = [" ".join(group) for group in option_groups(old)]
@@ -87,6 +91,12 @@ def _diff_node(
     host: HostFacts,
 ) -> None:
     idle = node.state in IDLE
+    if node.argv == argv and _seed_digest(node.plan) != _seed_digest(wanted):
+        # The same command line, other day-0 documents: the seed is rewritten at the next
+        # launch, and cloud-init runs day 0 again on its new instance-id.
+        if not idle:
+            change.restart[name] = "day-0 config changed (cloud_init, network_config or vars)"
+        return
     if node.argv == argv:
         if idle and not operator_stopped:
             change.start[name] = f"was {node.state.value}"

@@ -16,6 +16,7 @@ from qlink.plan.paths import Layout
 from qlink.policy import VmStatus, is_ready
 from qlink.runtime.ports import check_tcp_port_free, check_udp_ports_free
 from qlink.runtime.process import ProcessIdentity, create_overlay
+from qlink.runtime.seed import write_seed
 from qlink.runtime.sshkey import ensure_ssh_credential
 
 log = structlog.get_logger("qlinkd")
@@ -45,6 +46,10 @@ class DaemonHooks:
             Path(plan.node.image), plan.paths.overlay
         ):
             log.info("overlay_created", node=plan.name, overlay=str(plan.paths.overlay))
+        seed = plan.seed
+        if seed is not None and await asyncio.to_thread(write_seed, seed, plan.paths.seed):
+            log.info("seed_written", node=plan.name, seed=str(plan.paths.seed),
+                     digest=seed.digest[:16])  # fmt: skip
         if plan.mgmt is not None and await ensure_ssh_credential(
             self._layout.ssh_key, plan.mgmt.ssh_credential
         ):

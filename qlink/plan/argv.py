@@ -85,11 +85,25 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
         if node.append is not None:
             argv += ["-append", node.append]
     else:
+        # With a seed, the seed shares the disk's slot as its function 1: the disk's slot
+        # becomes multifunction (only then, so that nothing else of a node changes).
+        shared = {"multifunction": True} if plan.seed is not None else {}
         argv += [
             "-blockdev", qemu_opts(driver="qcow2", **{"node-name": "disk0", "file.driver": "file",
                                    "file.filename": str(paths.overlay)}),
             "-device", qemu_opts("virtio-blk-pci", drive="disk0", id="disk0", bus=ROOT_BUS,
-                                 addr=f"{DISK_SLOT:#x}", bootindex=0),
+                                 addr=f"{DISK_SLOT:#x}", bootindex=0, **shared),
+        ]  # fmt: skip
+    if plan.seed is not None:
+        # The NoCloud volume, read-only, as virtio-blk: the disk controller every cloud image
+        # drives (Debian's cloud kernel has no AHCI, so an ide-cd stays invisible to it). It
+        # sits in the disk's slot, so the NIC layout is the same with day-0 settings or not.
+        seed_addr = f"{DISK_SLOT:#x}.0x1" if node.image is not None else f"{DISK_SLOT:#x}"
+        argv += [
+            "-drive", qemu_opts(**{"if": "none"}, id="seed", file=str(paths.seed), format="raw",
+                                readonly=True),
+            "-device", qemu_opts("virtio-blk-pci", drive="seed", id="seed-disk", bus=ROOT_BUS,
+                                 addr=seed_addr),
         ]  # fmt: skip
     if plan.mgmt is not None:
         mgmt = plan.mgmt

@@ -7,7 +7,8 @@ guest renumbers its ports.
 PCI layout on the q35 root bus (`pcie.0`), fixed whatever the node's interface count:
 
     00:01.0          management NIC (user-mode networking), when the node has `mgmt`
-    00:02.0          boot disk, when the node boots an `image`
+    00:02.0          boot disk, when the node boots an `image`; else its day-0 seed
+    00:02.1          the day-0 seed (NoCloud `cidata`) of a node that boots an `image`
     00:03.0-00:1e.0  PCI-PCI bridges 0..27; bridge k holds data positions 31k .. 31k+30
                      at its slots 1..31 (slot 0 stays empty, as libvirt does)
     00:1f.x          ICH9 functions that q35 always has

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from qlink.errors import PlanError
+from qlink.dayzero import Interface, Seed
+from qlink.errors import ConfigError, ConfigIssue, PlanError
 from qlink.plan.allocations import (
     DEFAULT_SSH_PORTS,
     DEFAULT_UDP_PORTS,
@@ -29,6 +30,7 @@ from qlink.plan.identity import (
 )
 from qlink.plan.node_paths import NodePaths
 from qlink.plan.paths import Layout
+from qlink.plan.seeds import seed_of
 from qlink.topology import Endpoint, Lab, Node
 
 LOOPBACK = "127.0.0.1"
@@ -81,6 +83,8 @@ class NodePlan:
     bridges: int
     mgmt: MgmtPlan | None
     paths: NodePaths
+    seed: Seed | None = None
+    """The node's day-0 NoCloud documents, when its file gives any (`plan/seeds.py`)."""
 
     @property
     def name(self) -> str:
@@ -181,6 +185,7 @@ def plan_lab(
 
     positions: dict[str, int] = {}
     nodes: dict[str, NodePlan] = {}
+    day0_issues: list[ConfigIssue] = []
     for name, node in lab.nodes.items():
         interfaces = lab.interfaces(name)
         remembered = {
@@ -233,7 +238,10 @@ def plan_lab(
             bridges=bridges_needed(node_positions.values()),
             mgmt=mgmt,
             paths=paths,
+            seed=_seed(lab.name, node, nics, day0_issues),
         )
+    if day0_issues:
+        raise ConfigError(day0_issues)
     _refuse_mac_collisions(nodes)
 
     links = tuple(
@@ -255,6 +263,19 @@ def plan_lab(
         positions=elsewhere.positions | positions,
     )
     return LabPlan(lab.name, lab.source, nodes, links), remembered_now
+
+
+def _seed(lab: str, node: Node, nics: list[NicPlan], issues: list[ConfigIssue]) -> Seed | None:
+    """The node's seed; its template errors join `issues`, so that every node's are told."""
+    interfaces = [
+        Interface(nic.interface, nic.mac, nic.peer.node, nic.peer.interface, nic.position)
+        for nic in nics
+    ]
+    try:
+        return seed_of(lab, node, interfaces)
+    except ConfigError as error:
+        issues.extend(error.issues)
+        return None
 
 
 def _refuse_mac_collisions(nodes: dict[str, NodePlan]) -> None:

@@ -21,6 +21,8 @@ class NodePaths:
     """QEMU's own stdout and stderr."""
     overlay: Path
     """The qcow2 overlay a node booting an `image` runs on; the image itself stays untouched."""
+    seed: Path
+    """The node's day-0 NoCloud volume (`cidata`), when its file gives day-0 settings."""
 
     def too_long_sockets(self) -> list[Path]:
         return [

@@ -89,6 +89,7 @@ class Layout:
             console_log=state / "console.log",
             qemu_log=state / "qemu.log",
             overlay=state / "disk.qcow2",
+            seed=state / "seed.iso",
         )
 
 

@@ -45,7 +45,9 @@ def node_document(plan: NodePlan, host: HostFacts) -> dict[str, Any]:
             "qemu_log": str(paths.qemu_log),
             "pidfile": str(paths.pidfile),
             **({"overlay": str(paths.overlay), "image": node.image} if node.image else {}),
+            **({"seed": str(paths.seed)} if plan.seed is not None else {}),
         },
+        **({"seed": {"digest": plan.seed.digest, **plan.seed.files()}} if plan.seed else {}),
         "argv": build_argv(plan, host),
     }
 

@@ -87,7 +87,12 @@ class ConsoleReadiness:
         return None
 
     def _search_partial(self) -> str | None:
-        return self._partial.strip() if self._partial and self._matches(self._partial) else None
+        """The unterminated last line (a prompt); once matched it is used up, so the newline
+        that may follow it does not make the same line match twice."""
+        if not self._partial or not self._matches(self._partial):
+            return None
+        line, self._partial = self._partial.strip(), ""
+        return line
 
     def _matches(self, line: str) -> bool:
         try:

@@ -125,6 +125,7 @@ def write_seed(seed: Seed, path: Path) -> bool:
 
 
 def _write_replacing(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)  # a node that never ran
     descriptor, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(descriptor, "wb") as file:

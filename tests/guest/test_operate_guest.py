@@ -92,6 +92,9 @@ async def assert_a_guest_reboot_keeps_its_qemu(daemon: Qlinkd, r2: GuestConsole)
     before = daemon.status()["pair/r2"]
     with daemon.events() as events:
         await r2.type_line("reboot -f")
+        # Hang up: the waits below block this loop, and a console client that does not read
+        # stalls the guest's UART (QEMU writes the log whether or not anyone is attached).
+        await r2.close()
         events.until(lambda e: e.get("node") == "r2" and e.get("ready") is False, 60)
         back = events.until(lambda e: e.get("node") == "r2" and e.get("ready") is True, 300)
     after = daemon.status()["pair/r2"]

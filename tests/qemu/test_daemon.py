@@ -101,6 +101,7 @@ def test_up_status_links_down(
         "LAB",
         "NODE",
         "STATE",
+        "READY",
         "ACCEL",
         "PID",
         "UPTIME",

@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 
+from qlink.dayzero import Seed
 from qlink.errors import LaunchError, PortInUseError
+from qlink.plan.node_paths import NodePaths
 from qlink.plan.paths import Layout
 from qlink.runtime.ports import check_udp_ports_free
 from qlink.runtime.process import create_overlay, launch
 from qlink.runtime.qmp import QmpSession
+from qlink.runtime.seed import write_seed
 from qlink.runtime.sshkey import ensure_ssh_credential
 from tests.conftest import GuestFiles, require
 from tests.golden import golden_path, instantiate, sources
@@ -31,6 +34,24 @@ def ensure_test_image() -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(TEST_IMAGE), "64M"], check=True)
 
 
+async def prepare_files(node: dict[str, Any], paths: NodePaths, layout: Layout) -> None:
+    """The files the node's argv names, made as qlinkd makes them before a launch."""
+    if "image" in node["paths"]:
+        ensure_test_image()
+        assert await create_overlay(Path(node["paths"]["image"]), paths.overlay)
+    if "seed" in node:
+        # The day-0 volume, written as qlinkd writes it before a launch.
+        files = node["seed"]
+        seed = Seed(files["user-data"], files["meta-data"], files.get("network-config"))
+        assert seed.digest == files["digest"]
+        assert write_seed(seed, paths.seed)
+    if node["mgmt"] is not None:
+        # The real key and credential, made as qlinkd makes them before a launch.
+        credential = Path(node["mgmt"]["ssh_credential"])
+        await ensure_ssh_credential(layout.ssh_key, credential)
+        assert credential.read_text().startswith("io.systemd.credential.binary:")
+
+
 async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
     layout = Layout.under(root)
     launched = []
@@ -39,14 +60,7 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
         for name, node in document["nodes"].items():
             paths = layout.node(document["lab"], name)
             assert str(paths.qmp_socket) == node["paths"]["qmp_socket"]
-            if "image" in node["paths"]:
-                ensure_test_image()
-                assert await create_overlay(Path(node["paths"]["image"]), paths.overlay)
-            if node["mgmt"] is not None:
-                # The real key and credential, made as qlinkd makes them before a launch.
-                credential = Path(node["mgmt"]["ssh_credential"])
-                await ensure_ssh_credential(layout.ssh_key, credential)
-                assert credential.read_text().startswith("io.systemd.credential.binary:")
+            await prepare_files(node, paths, layout)
             # The golden ports are fixed; a live lab on this host may hold them, and a QEMU
             # bound to them (SO_REUSEADDR) would steal its frames.
             udp_ports = [int(nic["local"].rpartition(":")[2]) for nic in node["nics"]]
@@ -62,6 +76,8 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
             assert status["status"] == "prelaunch", status
             for nic in node["nics"]:
                 await assert_nic_placed(qmp, nic)
+            if "seed" in node:
+                await assert_seed_inserted(qmp, paths)
     finally:
         for process, qmp in launched:
             if not process.exited:
@@ -72,6 +88,12 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
         assert process.exit_status is not None
         assert process.exit_status.clean
     return seconds
+
+
+async def assert_seed_inserted(qmp: QmpSession, paths: NodePaths) -> None:
+    blocks = {block["device"]: block for block in await qmp.execute("query-block")}
+    inserted = blocks["seed"]["inserted"]
+    assert (inserted["file"], inserted["ro"]) == (str(paths.seed), True)
 
 
 async def assert_nic_placed(qmp: QmpSession, nic: dict[str, Any]) -> None:
