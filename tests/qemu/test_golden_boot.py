@@ -1,22 +1,24 @@
 """Every golden argv starts in real QEMU 7.2 (paused with -S) and answers QMP: proof that QEMU
-accepts every option qlink writes."""
+accepts every option qlink writes, and takes every NIC's socket where the argv says."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
-from qlink.errors import LaunchError, PortInUseError
+from qlink.errors import LaunchError
 from qlink.plan.paths import Layout
-from qlink.runtime.ports import check_udp_ports_free
+from qlink.runtime.links import LinkSocket
 from qlink.runtime.process import create_overlay, launch
 from qlink.runtime.qmp import QmpSession
 from qlink.runtime.sshkey import ensure_ssh_credential
-from tests.conftest import GuestFiles, require
+from tests.conftest import GuestFiles
 from tests.golden import golden_path, instantiate, sources
 
 pytestmark = pytest.mark.qemu
@@ -33,6 +35,7 @@ def ensure_test_image() -> None:
 
 async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
     layout = Layout.under(root)
+    ports = StandInPorts()
     launched = []
     seconds: dict[str, float] = {}
     try:
@@ -47,21 +50,21 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
                 credential = Path(node["mgmt"]["ssh_credential"])
                 await ensure_ssh_credential(layout.ssh_key, credential)
                 assert credential.read_text().startswith("io.systemd.credential.binary:")
-            # The golden ports are fixed; a live lab on this host may hold them, and a QEMU
-            # bound to them (SO_REUSEADDR) would steal its frames.
-            udp_ports = [int(nic["local"].rpartition(":")[2]) for nic in node["nics"]]
-            try:
-                check_udp_ports_free("127.0.0.1", udp_ports)
-            except PortInUseError as error:
-                require(False, f"a golden port is in use on this host, not stealing it: {error}")
+            # The argv names each NIC's socket by descriptor only; free ports stand in for
+            # the golden ones (a live lab on this host may hold those), peer for peer.
+            links = [
+                LinkSocket(nic["fd"], ports.end(nic["local"]), ports.end(nic["remote"]))
+                for nic in node["nics"]
+            ]
             started = time.monotonic()
-            process, qmp = await launch([*node["argv"], "-S"], paths, timeout=20)
+            process, qmp = await launch([*node["argv"], "-S"], paths, timeout=20, links=links)
             launched.append((process, qmp))
             status = await qmp.execute("query-status")
             seconds[name] = time.monotonic() - started
             assert status["status"] == "prelaunch", status
             for nic in node["nics"]:
                 await assert_nic_placed(qmp, nic)
+            assert_sockets_handed_over(process.pid, links)
     finally:
         for process, qmp in launched:
             if not process.exited:
@@ -72,6 +75,33 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
         assert process.exit_status is not None
         assert process.exit_status.clean
     return seconds
+
+
+class StandInPorts:
+    """A free loopback port for each golden port, the same one wherever it appears."""
+
+    def __init__(self) -> None:
+        self._ports: dict[int, int] = {}
+
+    def end(self, text: str) -> tuple[str, int]:
+        address, _, port = text.rpartition(":")
+        if int(port) not in self._ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind((address, 0))
+                self._ports[int(port)] = probe.getsockname()[1]
+        return address, self._ports[int(port)]
+
+
+def assert_sockets_handed_over(pid: int, links: list[LinkSocket]) -> None:
+    """QEMU holds each NIC's socket at its planned number, bound and connected as planned, and
+    this process kept no copy."""
+    held = {
+        connection.fd: (tuple(connection.laddr), tuple(connection.raddr))
+        for connection in psutil.Process(pid).net_connections(kind="udp4")
+    }
+    assert held == {link.fd: (link.local, link.remote) for link in links}
+    ours = psutil.Process().net_connections(kind="udp4")
+    assert not {tuple(c.laddr) for c in ours} & {link.local for link in links}
 
 
 async def assert_nic_placed(qmp: QmpSession, nic: dict[str, Any]) -> None:
