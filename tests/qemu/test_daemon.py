@@ -69,6 +69,14 @@ def pids(daemon: Qlinkd) -> dict[str, int]:
     return {key: row["pid"] for key, row in daemon.status().items()}
 
 
+def udp_ends(pid: int) -> dict[int, tuple[tuple[str, int], tuple[str, int]]]:
+    """The NIC sockets a QEMU holds: descriptor number → (local end, peer end)."""
+    return {
+        c.fd: (tuple(c.laddr), tuple(c.raddr))  # type: ignore[misc]
+        for c in psutil.Process(pid).net_connections(kind="udp4")
+    }
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """For a state another process reaches; the daemon offers no event stream for tests."""
     deadline = time.monotonic() + timeout
@@ -121,6 +129,8 @@ def test_restart_replaces_one_qemu_with_the_same_argv(
     daemon.ctl_ok("up", str(paused_lab(short_root, guest_files)))
     before = pids(daemon)
     argv_before = cmdline_of(before["t/b"])
+    sockets_before = udp_ends(before["t/b"])
+    assert set(sockets_before) == {101, 102}  # eth1 and eth2 at 100 + their positions
     started = time.monotonic()
     daemon.ctl_ok("restart", "b")
     elapsed = time.monotonic() - started
@@ -128,7 +138,8 @@ def test_restart_replaces_one_qemu_with_the_same_argv(
     assert after["t/a"] == before["t/a"]
     assert after["t/c"] == before["t/c"]
     assert after["t/b"] != before["t/b"]
-    assert cmdline_of(after["t/b"]) == argv_before  # same MACs, same ports
+    assert cmdline_of(after["t/b"]) == argv_before  # same MACs, same PCI places
+    assert udp_ends(after["t/b"]) == sockets_before  # same ports, same peers
     assert daemon.status()["t/b"]["restarts"] == 1
     print(f"restart of a paused node: {elapsed:.2f} s (qlinkctl round trip included)")
 
