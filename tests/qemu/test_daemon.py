@@ -415,7 +415,8 @@ def test_link_down_cuts_both_ends_and_is_remembered(
     assert links["a:eth1--b:eth1"]["admin"] == "down"
     # The cut survives a restart of either end and of qlinkd.
     daemon.ctl_ok("restart", "--force", "a")
-    assert link_states(daemon, "a")["eth1"] is False
+    # `restart` answers once a runs; its carrier pass follows.
+    wait_until(lambda: link_states(daemon, "a")["eth1"] is False, 10, "a:eth1 cut after restart")
     daemon.kill()
     daemon = qlinkd(*FAST)  # adopts a and b; the cut is in the lab's record
     links = {row["link"]: row for row in json.loads(daemon.ctl_ok("links", "-o", "json"))}
@@ -438,8 +439,12 @@ def test_carrier_follows_the_peer(
     links = {row["link"]: row for row in json.loads(daemon.ctl_ok("links", "-o", "json"))}
     assert links["a:eth1--b:eth1"]["a"]["carrier"] == "down (b not running)"
     daemon.ctl_ok("start", "b")
-    wait_until(lambda: link_states(daemon, "a")["eth1"] is True, 10, "a:eth1 to get carrier back")
-    assert link_states(daemon, "c")["eth2"] is True
+    # One pass sets both ends, one after the other: wait for the second too.
+    wait_until(
+        lambda: link_states(daemon, "a")["eth1"] and link_states(daemon, "c")["eth2"],
+        10,
+        "a:eth1 and c:eth2 to get carrier back",
+    )
 
 
 def qmp_json(daemon: Qlinkd, node: str, command: str, *arguments: str) -> Any:
