@@ -1,7 +1,10 @@
 """The bare launcher: the physical limit qlink is measured against.
 
 It starts the very argv `qlinkctl plan FILE -o json` prints, all at once, and waits for each
-QEMU's QMP greeting; nothing else (no port checks, no state files, no supervision). Like
+QEMU's QMP greeting; nothing else (no port checks, no state files, no supervision). The argv
+names each NIC's socket by descriptor number, so it opens those sockets as qlink does (bound,
+connected to the peer, placed at the planned number: `qlink.runtime.links`, which imports
+nothing heavy) and closes its copies once QEMU has them. Like
 `qlinkctl`, it is a command of its own, so both sides pay for starting a Python process:
 
     python -m bench.bare up PLAN.json                 # every node of the plan
@@ -35,6 +38,15 @@ from typing import Any
 
 from asyncinotify import Inotify, Mask
 
+from qlink.errors import QlinkError
+from qlink.runtime.links import (
+    LinkSocket,
+    check_descriptor_limit,
+    highest_descriptor,
+    open_link_sockets,
+    placement_actions,
+)
+
 GREETING = b'{"QMP":'
 LOG_TAIL_BYTES = 2000
 
@@ -53,6 +65,7 @@ class BareNode:
     console_socket: Path
     qemu_log: Path
     console_log: Path
+    links: tuple[LinkSocket, ...]
 
     @classmethod
     def from_plan(cls, name: str, document: dict[str, Any]) -> BareNode:
@@ -64,6 +77,9 @@ class BareNode:
             console_socket=Path(paths["console_socket"]),
             qemu_log=Path(paths["qemu_log"]),
             console_log=Path(paths["console_log"]),
+            links=tuple(
+                LinkSocket.parse(nic["fd"], nic["local"], nic["remote"]) for nic in document["nics"]
+            ),
         )
 
 
@@ -92,17 +108,18 @@ class Child:
         log_fd = os.open(node.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC)
         null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pid = os.posix_spawnp(
-                node.argv[0],
-                list(node.argv),
-                dict(os.environ),
-                file_actions=[
-                    (os.POSIX_SPAWN_DUP2, null_fd, 0),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                    (os.POSIX_SPAWN_DUP2, log_fd, 2),
-                ],
-                setsid=True,
-            )
+            with open_link_sockets(node.links) as sockets:
+                handover = [
+                    (sock.fileno(), link.fd) for sock, link in zip(sockets, node.links, strict=True)
+                ]
+                actions = placement_actions([(null_fd, 0), (log_fd, 1), (log_fd, 2), *handover])
+                check_descriptor_limit(highest_descriptor(actions))
+                pid = os.posix_spawnp(
+                    node.argv[0], list(node.argv), dict(os.environ), file_actions=actions,
+                    setsid=True,
+                )  # fmt: skip
+        except QlinkError as error:
+            raise BareError(f"{node.name}: {error}") from error
         finally:
             os.close(log_fd)
             os.close(null_fd)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +85,8 @@ class FakeMonitor:
         self.refuse: dict[str, BaseException] = {}
         """Commands that raise the given error (a QEMU's refusal, or a bug) instead."""
         self.arguments: list[dict[str, Any] | None] = []
+        self.passed: dict[str, tuple[Any, Any]] = {}
+        """Descriptors passed (`pass_fd`) by name: the socket's local and peer address."""
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._recorded = asyncio.Condition()
 
@@ -110,6 +114,12 @@ class FakeMonitor:
 
     async def unplug(self, device_id: str, timeout: float) -> None:
         await self.execute("device_del", {"id": device_id}, timeout)
+
+    async def pass_fd(self, fd: int, name: str) -> None:
+        # A copy, as QEMU gets one: the caller closes its own once this returns.
+        with socket.socket(fileno=os.dup(fd)) as passed:
+            self.passed[name] = (passed.getsockname(), passed.getpeername())
+        await self.execute("getfd", {"fdname": name})
 
     async def wait_commands(self, count: int) -> None:
         async with self._recorded:

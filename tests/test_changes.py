@@ -76,6 +76,23 @@ def test_new_links_are_replugs_new_nodes_starts_and_gone_nodes_removals() -> Non
     assert not change.restart
 
 
+def test_a_recabled_nic_is_a_change_though_the_command_line_is_the_same() -> None:
+    plan, allocations = planned(BASE)
+    edited, _ = planned(BASE.replace("[spine:swp2, leaf2:swp51]", "[spine:swp2, leaf2:swp52]"),
+                        allocations)  # fmt: skip
+    assert argvs(edited)["spine"] == argvs(plan)["spine"]  # the argv names descriptors only
+    change = diff_lab(running(plan), set(), edited, argvs(edited), HOST)
+    assert change.as_dict()["replug"] == {
+        "spine": "unplug swp2 (to leaf2:swp51), plug swp2 (to leaf2:swp52)",
+        "leaf2": "unplug swp51 (to spine:swp2), plug swp52 (to spine:swp2)",
+    }
+    # Stopped, it takes the new cable at its next start; nothing to do now.
+    idle = running(plan, spine=VmState.STOPPED)
+    change = diff_lab(idle, {"spine"}, edited, argvs(edited), HOST)
+    assert "spine" not in change.start
+    assert "spine" not in change.restart
+
+
 def test_idle_nodes_start_unless_an_operator_stopped_them() -> None:
     plan, allocations = planned(BASE)
     again, _ = planned(BASE, allocations)

@@ -39,10 +39,17 @@ def test_validate_bad_file_exits_2_with_location(
 def test_plan_of_one_node_is_a_pasteable_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--root", "/q", "plan", str(CLOS), "leaf1"]) == EXIT_OK
     out = capsys.readouterr().out
-    lines = out.splitlines()
+    comments = [line for line in out.splitlines() if line.startswith("# ")]
+    lines = out.splitlines()[len(comments) :]
+    # The sockets qlinkd hands over, which the argv names by descriptor number only.
+    assert [line.split(" connected")[0] for line in comments] == [
+        "# fd 151: UDP 127.0.0.1:20000",
+        "# fd 152: UDP 127.0.0.1:20002",
+    ]
+    assert comments[0].endswith(" to 127.0.0.1:20001 (swp51 to spine1:swp1)")
     assert lines[0].endswith("qemu-system-x86_64 \\")
     assert "    -name guest=leaf1,debug-threads=on \\" in lines
-    assert any(line.startswith("    -netdev socket,id=net-swp51,udp=127.0.0.1:") for line in lines)
+    assert "    -netdev dgram,id=net-swp51,local.type=fd,local.str=151 \\" in lines
     assert lines[-1].startswith("    -device virtio-net-pci,netdev=net-swp52")
 
 

@@ -5,6 +5,7 @@ under a deadline."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -210,8 +211,19 @@ async def test_a_live_edit_plugs_nics_into_running_nodes_and_restarts_none(
         assert plan["restart"] == {}
         after = {row["node"]: row["pid"] for row in daemon.status()}
         assert {node: after[node] for node in before} == before
-        commands = monitor_of(runtime, daemon, "a").commands
-        assert commands[-2:] == ["netdev_add", "device_add"]  # no carrier churn after it
+        monitor = monitor_of(runtime, daemon, "a")
+        assert monitor.commands[-3:] == ["getfd", "netdev_add", "device_add"]  # no carrier churn
+        # The NIC's socket went to QEMU bound and connected, as a launch hands it over, and
+        # the backend takes it by the name it was passed under.
+        a_eth4 = daemon.labs.get("tri").plan.nodes["a"].nic("eth4")  # type: ignore[union-attr]
+        local = ("127.0.0.1", a_eth4.local_port)
+        assert monitor.passed == {"net-eth4": (local, ("127.0.0.1", a_eth4.remote_port))}
+        assert monitor.arguments[-2] == {
+            "type": "dgram", "id": "net-eth4", "local": {"type": "fd", "str": "net-eth4"},
+        }  # fmt: skip
+        # The daemon kept no copy: the port is free again (the fake QEMU holds nothing).
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(local)
         assert set(ends(daemon).values()) == {"up"}
         # Back to the triangle: d goes, a's NIC is unplugged, nobody restarts.
         async with asyncio.timeout(DEADLINE):

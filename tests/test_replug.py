@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 from qlink.plan.allocations import Allocations
-from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
+from qlink.plan.argv import (
+    HostFacts,
+    build_argv,
+    nic_device_options,
+    nic_netdev_arguments,
+    nic_netdev_options,
+)
 from qlink.plan.lab import LabPlan, NodePlan, plan_lab
 from qlink.plan.replug import NicReplug, nic_replug
 from qlink.topology import Lab
@@ -35,8 +41,14 @@ def test_a_new_link_is_plugged_into_the_running_node() -> None:
     # What gets plugged is what the new command line holds, option for option.
     nic = replug.plug[0]
     argv = build_argv(after.nodes["spine"], HOST)
-    netdev = nic_netdev_options(nic)
-    assert f"socket,id={netdev['id']},udp={netdev['udp']},localaddr={netdev['localaddr']}" in argv
+    assert nic_netdev_options(nic) == {
+        "type": "dgram", "id": "net-swp3", "local.type": "fd", "local.str": 103,
+    }  # fmt: skip
+    assert "dgram,id=net-swp3,local.type=fd,local.str=103" in argv
+    # Over QMP the socket is passed first and named in place of the number.
+    assert nic_netdev_arguments(nic, "net-swp3") == {
+        "type": "dgram", "id": "net-swp3", "local": {"type": "fd", "str": "net-swp3"},
+    }  # fmt: skip
     device = nic_device_options(after.nodes["spine"], nic)
     assert device["bus"] == "qlink-br0"
     assert device["addr"] == "0x4"
@@ -74,3 +86,19 @@ def test_a_link_that_needs_a_new_bridge_means_a_restart() -> None:
     assert before.nodes["spine"].bridges == 1
     assert after.nodes["spine"].bridges == 2
     assert replug_of(before, "spine", after.nodes["spine"]) is None
+
+
+def test_unchanged_nics_are_not_replugged_and_a_recabled_one_is() -> None:
+    before, allocations = planned(make_lab("l", SPINE_LEAF))
+    again, _ = planned(make_lab("l", SPINE_LEAF), allocations)
+    assert replug_of(before, "spine", again.nodes["spine"]) is None
+    # The same interfaces, so the same argv, but spine:swp2 now goes to another peer's port.
+    recabled, _ = planned(
+        make_lab("l", [SPINE_LEAF[0], link("spine:swp2", "leaf1:swp52")], nodes=["spine", "leaf1"]),
+        allocations,
+    )
+    spine = recabled.nodes["spine"]
+    assert build_argv(spine, HOST) == build_argv(before.nodes["spine"], HOST)
+    replug = replug_of(before, "spine", spine)
+    assert replug is not None
+    assert replug.describe() == "unplug swp2 (to leaf2:swp51), plug swp2 (to leaf1:swp52)"

@@ -156,5 +156,12 @@ def test_a_truncated_volume_or_another_label_is_replaced(tmp_path: Path) -> None
 
 
 def test_a_folder_that_cannot_be_written_is_a_host_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
     with pytest.raises(HostError, match="cannot write the day-0 seed"):
-        write_seed(SEED, tmp_path / "missing" / "seed.iso")
+        write_seed(SEED, blocked / "seed.iso")
+
+
+def test_the_folder_of_a_node_that_never_ran_is_made(tmp_path: Path) -> None:
+    assert write_seed(SEED, tmp_path / "labs" / "l" / "nodes" / "n" / "seed.iso")
+    assert read_seed(tmp_path / "labs" / "l" / "nodes" / "n" / "seed.iso") == SEED

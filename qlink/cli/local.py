@@ -92,6 +92,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for index, name in enumerate(names):
         if len(names) > 1:
             print(f"{'' if index == 0 else chr(10)}# {lab.name}/{name}")
+        for nic in plan.nodes[name].nics:
+            # The argv names each NIC's socket by descriptor only: say what qlinkd opens there.
+            local = f"{nic.local_address}:{nic.local_port}"
+            remote = f"{nic.remote_address}:{nic.remote_port}"
+            print(
+                f"# fd {nic.fd}: UDP {local} connected to {remote} ({nic.interface} to {nic.peer})"
+            )
         print(argv_lines(build_argv(plan.nodes[name], host)))
     return EXIT_OK
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 
 from qlink.plan.argv import HostFacts
-from qlink.plan.lab import LabPlan, NodePlan
+from qlink.plan.lab import LabPlan, NicPlan, NodePlan
 from qlink.plan.options import option_groups
 from qlink.plan.replug import NicReplug, nic_replug
 from qlink.states import IDLE, VmState
@@ -55,6 +55,28 @@ def argv_difference(old: list[str], new: list[str]) -> str:
     return "; ".join(parts) if parts else "option order changed"
 
 
+def _ends(nic: NicPlan) -> str:
+    return (
+        f"{nic.local_address}:{nic.local_port} to {nic.remote_address}:{nic.remote_port} "
+        f"({nic.peer})"
+    )
+
+
+def cable_difference(old: NodePlan, new: NodePlan) -> str:
+    """The NICs whose cable moved though the command line did not, as
+    `swp2 127.0.0.1:20002 to 127.0.0.1:20003 (leaf2:swp51) -> ...`.
+
+    The argv names a NIC's socket by descriptor number only (`NicPlan.fd`), so a NIC recabled
+    to another peer, or given another port, has the same argv and a different socket."""
+    new_nics = {nic.interface: nic for nic in new.nics}
+    moved = [
+        f"{nic.interface} {_ends(nic)} -> {_ends(new_nics[nic.interface])}"
+        for nic in old.nics
+        if nic.interface in new_nics and _ends(nic) != _ends(new_nics[nic.interface])
+    ]
+    return "; ".join(moved)
+
+
 def diff_lab(
     current: Mapping[str, RunningNode] | None,
     operator_stopped: Set[str],
@@ -97,11 +119,11 @@ def _diff_node(
         if not idle:
             change.restart[name] = "day-0 config changed (cloud_init, network_config or vars)"
         return
-    if node.argv == argv:
+    why = _why_changed(node, wanted, argv)
+    if why is None:
         if idle and not operator_stopped:
             change.start[name] = f"was {node.state.value}"
         return
-    why = "command line changed: " + argv_difference(node.argv, argv)
     replug = None if idle else nic_replug(node.plan, node.argv, wanted, host)
     if replug is not None:
         change.replug[name] = replug
@@ -109,3 +131,12 @@ def _diff_node(
         change.restart[name] = why
     elif not operator_stopped:
         change.start[name] = why
+
+
+def _why_changed(node: RunningNode, wanted: NodePlan, argv: list[str]) -> str | None:
+    """Why the node as it runs is not the node wanted; None when it is."""
+    if node.argv != argv:
+        return "command line changed: " + argv_difference(node.argv, argv)
+    if moved := cable_difference(node.plan, wanted):
+        return "cables changed: " + moved
+    return None

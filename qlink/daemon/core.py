@@ -27,12 +27,13 @@ from qlink.daemon.records import LabRecord, LabStore
 from qlink.daemon.views import is_ready, link_row, link_rows, not_ready_because, status_rows
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.limits import HostResources
-from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_options
-from qlink.plan.lab import LabPlan, NodePlan, plan_lab
+from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_arguments
+from qlink.plan.lab import LabPlan, NicPlan, NodePlan, plan_lab
 from qlink.plan.paths import Layout
 from qlink.plan.replug import NicReplug
 from qlink.policy import SupervisorSettings, VmStatus
 from qlink.runtime.handles import MonitorHandle, Runtime, VmRuntime
+from qlink.runtime.links import LinkSocket, open_link_socket
 from qlink.runtime.ports import check_udp_ports_free
 from qlink.runtime.ports import ports_in_use as host_ports_in_use
 from qlink.runtime.process import CreationWatcher, ProcessIdentity
@@ -276,8 +277,7 @@ class Daemon:
                 await qmp.unplug(nic.device_id, timeout=unplug_timeout)
                 await qmp.execute("netdev_del", {"id": nic.netdev_id})
             for nic in replug.plug:
-                await qmp.execute("netdev_add", nic_netdev_options(nic))
-                await qmp.execute("device_add", nic_device_options(plan, nic))
+                await _plug_nic(qmp, plan, nic)
             return pid
 
         assert lab.carrier is not None
@@ -423,6 +423,18 @@ class Daemon:
 
 def _ready_or_idle(supervisor: VmSupervisor) -> Callable[[VmStatus], bool]:
     return lambda status: is_ready(supervisor) or status.state in IDLE
+
+
+async def _plug_nic(qmp: MonitorHandle, plan: NodePlan, nic: NicPlan) -> None:
+    """Plug one NIC into a running VM, the one its command line would have made: its socket
+    (bound and connected, as a launch opens it) passed over QMP under the netdev's id, then
+    the backend that takes it and the device."""
+    with open_link_socket(LinkSocket.of(nic)) as sock:
+        await qmp.pass_fd(sock.fileno(), nic.netdev_id)
+    # QEMU holds its own copy now; ours is closed. Should netdev_add fail, the copy stays with
+    # QEMU's monitor under that name until a restart, which is what a failed replug gets.
+    await qmp.execute("netdev_add", nic_netdev_arguments(nic, nic.netdev_id))
+    await qmp.execute("device_add", nic_device_options(plan, nic))
 
 
 def _quietly(future: asyncio.Future[Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from qlink.plan.identity import DISK_SLOT, MGMT_SLOT, ROOT_BUS, bridge_id, bridge_place
 from qlink.plan.lab import NicPlan, NodePlan
@@ -135,18 +136,33 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
 
 
 def nic_netdev_options(nic: NicPlan) -> dict[str, OptionValue]:
-    """A data NIC's backend: the options of `-netdev` and the arguments of QMP `netdev_add`,
-    so a NIC plugged into a running VM is the one its command line would have made."""
+    """A data NIC's backend on the command line: the socket qlink opened for it, found at a
+    fixed descriptor number (`NicPlan.fd`).
+
+    `dgram` with only `local.type=fd` makes QEMU 7.2 send() on the socket as it is, with no
+    address of its own: the socket is connected to the peer, so the kernel delivers nothing
+    but the peer's datagrams (see `runtime/links.py` for why not `-netdev socket,udp=`)."""
     return {
-        "type": "socket",
+        "type": "dgram",
         "id": nic.netdev_id,
-        "udp": f"{nic.remote_address}:{nic.remote_port}",
-        "localaddr": f"{nic.local_address}:{nic.local_port}",
+        "local.type": "fd",
+        "local.str": nic.fd,
+    }
+
+
+def nic_netdev_arguments(nic: NicPlan, fd_name: str) -> dict[str, Any]:
+    """The same backend for QMP `netdev_add`, plugged into a running VM: the socket is passed
+    beforehand over QMP (`getfd`) under `fd_name`, which takes the place of the number."""
+    return {
+        "type": "dgram",
+        "id": nic.netdev_id,
+        "local": {"type": "fd", "str": fd_name},
     }
 
 
 def nic_device_options(plan: NodePlan, nic: NicPlan) -> dict[str, OptionValue]:
-    """A data NIC's device: the options of `-device` and the arguments of QMP `device_add`."""
+    """A data NIC's device: the options of `-device` and the arguments of QMP `device_add`,
+    so a NIC plugged into a running VM is the one its command line would have made."""
     return {
         "driver": plan.node.nic_model,
         "netdev": nic.netdev_id,

@@ -35,6 +35,12 @@ from qlink.topology import Endpoint, Lab, Node
 
 LOOPBACK = "127.0.0.1"
 
+NIC_FD_BASE = 100
+"""A data NIC's socket is descriptor `NIC_FD_BASE + position` in its QEMU (see `NicPlan.fd`):
+positions 0..867 give 100..967, below the soft RLIMIT_NOFILE of 1024 that shells and services
+start with (the launch checks the limit all the same). A fixed number keeps the argv a pure
+function of the plan, so a restarted or re-adopted QEMU has the command line recorded for it."""
+
 
 @dataclass(frozen=True, slots=True)
 class NicPlan:
@@ -58,6 +64,12 @@ class NicPlan:
     @property
     def device_id(self) -> str:
         return f"nic-{self.interface}"
+
+    @property
+    def fd(self) -> int:
+        """The descriptor number at which QEMU finds this NIC's socket, which qlink opens
+        (bound to the local end, connected to the peer's) and hands over at launch."""
+        return NIC_FD_BASE + self.position
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,9 @@ def node_document(plan: NodePlan, host: HostFacts) -> dict[str, Any]:
                 "mac": nic.mac,
                 "position": nic.position,
                 "pci": {"bus": nic.place.bus, "addr": nic.place.addr},
+                # The socket QEMU expects at descriptor `fd`: bound to `local`, connected to
+                # `remote` (what anyone launching this argv must hand over).
+                "fd": nic.fd,
                 "local": f"{nic.local_address}:{nic.local_port}",
                 "remote": f"{nic.remote_address}:{nic.remote_port}",
                 "peer": str(nic.peer),

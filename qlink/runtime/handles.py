@@ -11,6 +11,7 @@ from typing import Any, Protocol
 
 from qlink.plan.lab import NodePlan
 from qlink.runtime import process as real_process
+from qlink.runtime.links import LinkSocket
 from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
 from qlink.runtime.qmp import QmpSession
 
@@ -41,6 +42,7 @@ class MonitorHandle(Protocol):
     ) -> Any: ...
     def listen(self, names: Iterable[str] = ...) -> AbstractContextManager[AsyncIterator[Any]]: ...
     async def unplug(self, device_id: str, timeout: float) -> None: ...
+    async def pass_fd(self, fd: int, name: str) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -70,7 +72,11 @@ class VmRuntime:
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
     ) -> tuple[ProcessHandle, MonitorHandle]:
-        return await real_process.launch(argv, plan.paths, timeout, qmp_name, self._watcher)
+        # The sockets the argv's `-netdev dgram,local.str=N` expect, one per data NIC.
+        links = [LinkSocket.of(nic) for nic in plan.nics]
+        return await real_process.launch(
+            argv, plan.paths, timeout, qmp_name, self._watcher, links=links
+        )
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
         return real_process.adopt(identity)

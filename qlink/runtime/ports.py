@@ -1,6 +1,6 @@
-"""Who holds a local port. QEMU binds its UDP netdevs with SO_REUSEADDR and never checks:
-a second process on a link's port starts without a word and steals its frames, so qlink
-checks every port itself before a launch, and names the holder when it refuses."""
+"""Who holds a local port. qlink binds each link's UDP socket itself, without SO_REUSEADDR
+(`runtime/links.py`), so a held port fails the launch; these checks come first, before
+anything starts, and name the holder when they refuse."""
 
 from __future__ import annotations
 
@@ -49,9 +49,8 @@ def ports_in_use() -> BusyPorts:
 
 
 def udp_port_in_use(address: str, port: int) -> bool:
-    """Whether someone holds the port. QEMU binds its UDP netdevs with SO_REUSEADDR, so a
-    second QEMU on the same port starts without a word and steals the link's frames; a bind
-    without SO_REUSEADDR fails on any port that is in use: the check QEMU does not make."""
+    """Whether someone holds the port: a bind without SO_REUSEADDR fails on any port in use,
+    whoever holds it and however (QEMU's own `-netdev socket,udp=` binds with SO_REUSEADDR)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
             probe.bind((address, port))

@@ -21,8 +21,16 @@ from typing import Any
 import structlog
 from asyncinotify import Inotify, Mask
 
-from qlink.errors import HostError, LaunchError, VmError
+from qlink.errors import HostError, LaunchError, PortInUseError, VmError
 from qlink.plan.node_paths import NodePaths
+from qlink.runtime.links import (
+    LinkSocket,
+    check_descriptor_limit,
+    highest_descriptor,
+    open_link_sockets,
+    placement_actions,
+)
+from qlink.runtime.ports import udp_port_holder
 from qlink.runtime.procfs import read_cmdline, read_stat
 from qlink.runtime.qmp import QmpSession
 from qlink.runtime.tools import run_tool
@@ -172,8 +180,11 @@ def prepare_directories(paths: NodePaths) -> None:
 # --- launch -------------------------------------------------------------------------------
 
 
-def _spawn(argv: Sequence[str], log_path: Path) -> int:
+def _spawn(argv: Sequence[str], log_path: Path, handover: Sequence[tuple[int, int]] = ()) -> int:
     """Start QEMU in a session of its own, output appended to its log; returns the PID.
+
+    `handover` is (descriptor here, number in QEMU) for each NIC socket: the argv names them
+    by number (`-netdev dgram,local.str=N`), so each is placed exactly there.
 
     posix_spawn, not subprocess: subprocess keeps its own books of children and may reap
     one behind our back, which would steal the exit status the pidfd watcher needs.
@@ -185,22 +196,31 @@ def _spawn(argv: Sequence[str], log_path: Path) -> int:
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     null_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
+        actions = placement_actions([(null_fd, 0), (log_fd, 1), (log_fd, 2), *handover])
+        check_descriptor_limit(highest_descriptor(actions))
         return os.posix_spawnp(
-            argv[0],
-            list(argv),
-            dict(os.environ),
-            file_actions=[
-                (os.POSIX_SPAWN_DUP2, null_fd, 0),
-                (os.POSIX_SPAWN_DUP2, log_fd, 1),
-                (os.POSIX_SPAWN_DUP2, log_fd, 2),
-            ],
-            setsid=True,
+            argv[0], list(argv), dict(os.environ), file_actions=actions, setsid=True
         )
     except OSError as error:
         raise LaunchError(f"cannot start {argv[0]}: {error}", argv, None, "") from error
     finally:
         os.close(log_fd)
         os.close(null_fd)
+
+
+async def _spawn_with_links(
+    argv: Sequence[str], log_path: Path, links: Sequence[LinkSocket]
+) -> int:
+    """`_spawn`, handing QEMU a socket per NIC, opened here and closed here once QEMU has its
+    copies: nothing is left open if any of them cannot be opened, or QEMU cannot be started."""
+    try:
+        with open_link_sockets(links) as sockets:
+            handover = [(sock.fileno(), link.fd) for sock, link in zip(sockets, links, strict=True)]
+            return _spawn(argv, log_path, handover)
+    except PortInUseError as error:
+        # Named off the loop: finding the holder walks every process's descriptors.
+        holder = await asyncio.to_thread(udp_port_holder, error.port)
+        raise PortInUseError(error.port, error.address, holder) from error
 
 
 def _tail(path: Path, start: int) -> str:
@@ -277,8 +297,13 @@ async def launch(
     timeout: float = 30.0,
     qmp_name: str = "qlink",
     watcher: CreationWatcher | None = None,
+    *,
+    links: Sequence[LinkSocket] = (),
 ) -> tuple[QemuProcess, QmpSession]:
     """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
+
+    `links` are the NIC sockets its argv expects (`runtime.links`): opened, handed over at
+    their descriptor numbers, and closed here; a port someone holds is a `PortInUseError`.
 
     Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
     bound and listening before the next, and the plan puts QMP before the console. So the
@@ -287,8 +312,8 @@ async def launch(
     try:
         if watcher is None:
             async with _private_watcher() as private:
-                return await _launch(argv, paths, timeout, qmp_name, private)
-        return await _launch(argv, paths, timeout, qmp_name, watcher)
+                return await _launch(argv, paths, timeout, qmp_name, watcher=private, links=links)
+        return await _launch(argv, paths, timeout, qmp_name, watcher=watcher, links=links)
     except OSError as error:
         # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
         # failed launch like any other: the supervisor backs off, the daemon stays up.
@@ -300,14 +325,20 @@ EXIT_GRACE = 1.0
 
 
 async def _launch(
-    argv: Sequence[str], paths: NodePaths, timeout: float, qmp_name: str, watcher: CreationWatcher
+    argv: Sequence[str],
+    paths: NodePaths,
+    timeout: float,
+    qmp_name: str,
+    *,
+    watcher: CreationWatcher,
+    links: Sequence[LinkSocket],
 ) -> tuple[QemuProcess, QmpSession]:
     prepare_directories(paths)
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
         stale.unlink(missing_ok=True)
     log_start = paths.qemu_log.stat().st_size if paths.qemu_log.exists() else 0
     with watcher.expecting(paths.console_socket) as console_created:
-        pid = _spawn(argv, paths.qemu_log)
+        pid = await _spawn_with_links(argv, paths.qemu_log, links)
         process = _child(pid, argv)
         try:
             async with asyncio.timeout(timeout):

@@ -86,6 +86,16 @@ class QmpSession:
                 ) from error
         raise VmError(f"QMP closed before {device_id} was released")
 
+    async def pass_fd(self, fd: int, name: str, timeout: float = 5.0) -> None:
+        """Give QEMU a copy of descriptor `fd`, kept under `name` for a later command (such as
+        `netdev_add` with `local.str=NAME`): SCM_RIGHTS on the monitor socket, then `getfd`,
+        which takes the descriptor that came with it. The caller still owns `fd`."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as error:
+            raise VmError(f"cannot pass descriptor {fd} to QEMU: {error}") from error
+        await self.execute("getfd", {"fdname": name}, timeout)
+
     async def disconnected(self) -> None:
         """Return once the server hung up (QEMU exited, or closed the monitor)."""
         while self._client.runstate == Runstate.RUNNING:

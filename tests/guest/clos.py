@@ -21,7 +21,7 @@ from tests.conftest import Qlinkd, cmdline_of, qemu_pid_of
 from tests.guest.harness import (
     GuestConsole,
     close_consoles,
-    foreign_qemu_on_ports,
+    foreign_holders_of_ports,
     kill_qemu_under,
     lldp_neighbors,
     open_consoles,
@@ -116,10 +116,10 @@ class ClosLab:
         }
 
     async def watch_for_intruders(self, seen: dict[int, str]) -> None:
-        """Until cancelled, note every foreign QEMU binding one of the lab's UDP ports."""
+        """Until cancelled, note every foreign process holding one of the lab's UDP ports."""
         ports = self.udp_ports()
         while True:
-            seen.update(await asyncio.to_thread(foreign_qemu_on_ports, ports, self.root))
+            seen.update(await asyncio.to_thread(foreign_holders_of_ports, ports, self.root))
             await asyncio.sleep(0.5)
 
     def status(self) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,9 @@
 """Test helpers for real guests: the serial-console tools live in `labdriver.serial`; here are
-the ones only tests need (QEMU processes under a root, who else binds a lab's ports)."""
+the ones only tests need (QEMU processes under a root, who else holds a lab's ports)."""
 
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Collection
 from pathlib import Path
 
@@ -25,7 +24,7 @@ __all__ = [
     "ConsoleError",
     "GuestConsole",
     "close_consoles",
-    "foreign_qemu_on_ports",
+    "foreign_holders_of_ports",
     "kill_qemu_under",
     "lldp_neighbors",
     "log_sizes",
@@ -61,32 +60,25 @@ def kill_qemu_under(root: Path) -> list[int]:
     return [process.pid for process in leftovers]
 
 
-_LOCALADDR_RE = re.compile(r"localaddr=([^,:]+):(\d+)")
-
-
-def foreign_qemu_on_ports(ports: Collection[int], root: Path) -> dict[int, str]:
-    """QEMU processes not started under `root` whose UDP netdevs bind one of `ports`.
-
-    QEMU binds `-netdev socket,udp=` with SO_REUSEADDR, so such a process silently receives
-    (steals) frames meant for the lab's VM for as long as it lives: a test that loses packets
-    says who was there. Returns {pid: "the ports it binds, under which root"}.
+def foreign_holders_of_ports(ports: Collection[int], root: Path) -> dict[int, str]:
+    """Processes not started under `root` that hold one of the UDP `ports`, as the kernel
+    says (one walk of the host's sockets). qlink binds a link's port without SO_REUSEADDR,
+    so nobody can share it while its VM runs; one that takes it while the VM restarts makes
+    the restart fail, and a test that loses packets says who was there.
+    Returns {pid: "the ports it binds, and what it is"}.
     """
+    held: dict[int, set[int]] = {}
+    for connection in psutil.net_connections(kind="udp"):
+        if connection.laddr and connection.laddr.port in ports and connection.pid:
+            held.setdefault(connection.pid, set()).add(connection.laddr.port)
     found = {}
-    for process in psutil.process_iter(["cmdline", "status"]):
-        cmdline = process.info["cmdline"] or []
-        if not cmdline or "qemu-system" not in cmdline[0]:
-            continue
-        if process.info["status"] == psutil.STATUS_ZOMBIE:
-            continue
+    for pid, bound in held.items():
+        try:
+            cmdline = psutil.Process(pid).cmdline()
+        except psutil.Error:
+            continue  # gone since
         if any(str(root) in arg for arg in cmdline):
-            continue
-        bound = sorted(
-            int(port)
-            for arg in cmdline
-            for _, port in _LOCALADDR_RE.findall(arg)
-            if int(port) in ports
-        )
-        if bound:
-            pidfile = next((arg for arg in cmdline if arg.endswith(".pid")), "?")
-            found[process.pid] = f"binds UDP {bound} (pidfile {pidfile})"
+            continue  # the lab's own QEMU, or its qlinkd opening a socket for one
+        what = " ".join(cmdline[:1] + [arg for arg in cmdline if arg.endswith(".pid")])
+        found[pid] = f"binds UDP {sorted(bound)} ({what or '?'})"
     return found

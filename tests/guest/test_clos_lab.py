@@ -90,8 +90,8 @@ async def test_every_link_pings_and_lldp_sees_the_cabling(clos: ClosLab) -> None
 async def test_restart_spine1_touches_nobody_else(clos: ClosLab) -> None:
     ping_command = f"ping -i {PING_INTERVAL} -c {PING_COUNT} 10.2.1.0"
 
-    # Another QEMU binding one of the lab's ports steals its frames (SO_REUSEADDR): if the
-    # ping loses packets, the failure says whether one was around.
+    # Another process taking one of the lab's ports while spine1 restarts would keep spine1
+    # from coming back: if the ping loses packets, the failure says whether one was around.
     intruders: dict[int, str] = {}
     watcher = asyncio.create_task(clos.watch_for_intruders(intruders))
     try:
@@ -157,7 +157,7 @@ async def _restart_spine1_under_ping(
         f"{'was answered' if sent - 1 in replied else 'is not counted'})",
     )
     assert not lost, (
-        f"lost seq {lost}; foreign QEMU on the lab's ports meanwhile: {intruders or 'none'}\n"
+        f"lost seq {lost}; foreign holders of the lab's ports meanwhile: {intruders or 'none'}\n"
         + summary
     )
 

@@ -4,6 +4,8 @@ peer, a capture of LLDP from both ends of a link, and ssh through the management
 from __future__ import annotations
 
 import json
+import random
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -182,3 +184,81 @@ async def test_cut_cable_carrier_and_capture(
     finally:
         await r1.close()
         await r2.close()
+
+
+STRANGER_FRAMES = 1000
+
+
+def stranger_sends(port: int, mac: str, rng: random.Random) -> int:
+    """From a socket of no NIC: 1,000 random Ethernet frames addressed to the NIC behind
+    `port` (so that a guest would count each one it got), then a zero-length datagram, which
+    `-netdev socket,udp=` read as the end of the cable. Returns how many the kernel refused
+    to any socket (host-wide `Udp: NoPorts`, at least these)."""
+    before = udp_no_ports()
+    target = ("127.0.0.1", port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        for _ in range(STRANGER_FRAMES):
+            header = bytes.fromhex(mac.replace(":", "")) + bytes.fromhex("02dead00beef88b5")
+            stranger.sendto(header + rng.randbytes(rng.randrange(46, 1501)), target)
+        stranger.connect(target)
+        stranger.send(b"")
+        # The kernel's answer to the last one (ICMP port unreachable): nothing took it.
+        stranger.settimeout(5)
+        with pytest.raises(ConnectionRefusedError):
+            stranger.recv(2048)
+    return udp_no_ports() - before
+
+
+def udp_no_ports() -> int:
+    with open("/proc/net/snmp") as snmp:
+        udp = [line.split() for line in snmp if line.startswith("Udp:")]
+    return int(udp[1][udp[0].index("NoPorts")])
+
+
+async def counter(console: GuestConsole, name: str) -> int:
+    return int(await console.run(f"cat /sys/class/net/eth1/statistics/{name}"))
+
+
+async def test_a_strangers_datagrams_neither_reach_the_guests_nor_cut_the_cable(
+    qlinkd: StartDaemon, short_root: Path, guest_files: GuestFiles
+) -> None:
+    """Issue #15: any local user could stop a direction of a cable with one empty datagram to
+    its port, or put frames on it. Now only the peer's socket can speak on it."""
+    daemon = qlinkd("--powerdown-timeout", "10")
+    daemon.ctl_ok("up", str(pair_lab(short_root, guest_files)))
+    logs = {node: node_paths(short_root, node)[0] for node in ("r1", "r2")}
+    await wait_ready(logs, timeout=300)
+    (link,) = json.loads(daemon.ctl_ok("links", "-o", "json"))
+    ends = {link[side]["endpoint"].split(":")[0]: link[side] for side in "ab"}
+    peer_of = {"r1": "r2", "r2": "r1"}
+    async with (
+        await GuestConsole.connect("r1", node_paths(short_root, "r1")[1]) as r1,
+        await GuestConsole.connect("r2", node_paths(short_root, "r2")[1]) as r2,
+    ):
+        consoles = {"r1": r1, "r2": r2}
+        for node, console in consoles.items():
+            command = "lldpcli show neighbors -f keyvalue | grep -c chassis.name"
+            await until(console, command, "1", 60)
+            assert (await lldp_neighbors(console))["eth1"] == (peer_of[node], "eth1")
+        # Each guest's received frames against what its peer sent in the same window.
+        received = {node: await counter(c, "rx_packets") for node, c in consoles.items()}
+        sent = {node: await counter(c, "tx_packets") for node, c in consoles.items()}
+        rng = random.Random(15)
+        refused = {node: stranger_sends(end["port"], end["mac"], rng) for node, end in ends.items()}
+        # New frames must cross both ways for these (echo requests and replies), for 5 s:
+        # longer than LLDP's 4 s TTL, so a dead direction would have let a neighbour expire.
+        await r1.run("ping -c 6 -i 1 -W 2 10.0.12.1")
+        await r2.run("ping -c 2 -W 2 10.0.12.0")
+        for node, console in consoles.items():
+            assert (await lldp_neighbors(console))["eth1"] == (peer_of[node], "eth1")
+        received = {node: await counter(c, "rx_packets") - received[node]
+                    for node, c in consoles.items()}  # fmt: skip
+        sent = {node: await counter(c, "tx_packets") - sent[node] for node, c in consoles.items()}
+    print(f"\nFIGURE stranger datagrams: {STRANGER_FRAMES + 1} to each end's port; refused by "
+          f"the kernel {refused}; frames received {received}, sent by the peer "
+          f"{ {node: sent[peer_of[node]] for node in sent} }")  # fmt: skip
+    for node, got in received.items():
+        assert refused[node] >= STRANGER_FRAMES + 1, refused
+        # Only what the peer sent (a few frames in flight at the edges of the window).
+        assert got <= sent[peer_of[node]] + 5, (node, received, sent)
+        assert got < STRANGER_FRAMES, f"{node} received the stranger's frames: {got}"

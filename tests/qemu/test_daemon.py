@@ -69,6 +69,14 @@ def pids(daemon: Qlinkd) -> dict[str, int]:
     return {key: row["pid"] for key, row in daemon.status().items()}
 
 
+def udp_ends(pid: int) -> dict[int, tuple[tuple[str, int], tuple[str, int]]]:
+    """The NIC sockets a QEMU holds: descriptor number → (local end, peer end)."""
+    return {
+        c.fd: (tuple(c.laddr), tuple(c.raddr))  # type: ignore[misc]
+        for c in psutil.Process(pid).net_connections(kind="udp4")
+    }
+
+
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """For a state another process reaches; the daemon offers no event stream for tests."""
     deadline = time.monotonic() + timeout
@@ -122,6 +130,8 @@ def test_restart_replaces_one_qemu_with_the_same_argv(
     daemon.ctl_ok("up", str(paused_lab(short_root, guest_files)))
     before = pids(daemon)
     argv_before = cmdline_of(before["t/b"])
+    sockets_before = udp_ends(before["t/b"])
+    assert set(sockets_before) == {101, 102}  # eth1 and eth2 at 100 + their positions
     started = time.monotonic()
     daemon.ctl_ok("restart", "b")
     elapsed = time.monotonic() - started
@@ -129,7 +139,8 @@ def test_restart_replaces_one_qemu_with_the_same_argv(
     assert after["t/a"] == before["t/a"]
     assert after["t/c"] == before["t/c"]
     assert after["t/b"] != before["t/b"]
-    assert cmdline_of(after["t/b"]) == argv_before  # same MACs, same ports
+    assert cmdline_of(after["t/b"]) == argv_before  # same MACs, same PCI places
+    assert udp_ends(after["t/b"]) == sockets_before  # same ports, same peers
     assert daemon.status()["t/b"]["restarts"] == 1
     print(f"restart of a paused node: {elapsed:.2f} s (qlinkctl round trip included)")
 
@@ -405,7 +416,8 @@ def test_link_down_cuts_both_ends_and_is_remembered(
     assert links["a:eth1--b:eth1"]["admin"] == "down"
     # The cut survives a restart of either end and of qlinkd.
     daemon.ctl_ok("restart", "--force", "a")
-    assert link_states(daemon, "a")["eth1"] is False
+    # `restart` answers once a runs; its carrier pass follows.
+    wait_until(lambda: link_states(daemon, "a")["eth1"] is False, 10, "a:eth1 cut after restart")
     daemon.kill()
     daemon = qlinkd(*FAST)  # adopts a and b; the cut is in the lab's record
     links = {row["link"]: row for row in json.loads(daemon.ctl_ok("links", "-o", "json"))}
@@ -428,8 +440,12 @@ def test_carrier_follows_the_peer(
     links = {row["link"]: row for row in json.loads(daemon.ctl_ok("links", "-o", "json"))}
     assert links["a:eth1--b:eth1"]["a"]["carrier"] == "down (b not running)"
     daemon.ctl_ok("start", "b")
-    wait_until(lambda: link_states(daemon, "a")["eth1"] is True, 10, "a:eth1 to get carrier back")
-    assert link_states(daemon, "c")["eth2"] is True
+    # One pass sets both ends, one after the other: wait for the second too.
+    wait_until(
+        lambda: link_states(daemon, "a")["eth1"] and link_states(daemon, "c")["eth2"],
+        10,
+        "a:eth1 and c:eth2 to get carrier back",
+    )
 
 
 def qmp_json(daemon: Qlinkd, node: str, command: str, *arguments: str) -> Any:

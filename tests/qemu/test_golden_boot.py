@@ -1,25 +1,27 @@
 """Every golden argv starts in real QEMU 7.2 (paused with -S) and answers QMP: proof that QEMU
-accepts every option qlink writes."""
+accepts every option qlink writes, and takes every NIC's socket where the argv says."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from qlink.dayzero import Seed
-from qlink.errors import LaunchError, PortInUseError
+from qlink.errors import LaunchError
 from qlink.plan.node_paths import NodePaths
 from qlink.plan.paths import Layout
-from qlink.runtime.ports import check_udp_ports_free
+from qlink.runtime.links import LinkSocket
 from qlink.runtime.process import create_overlay, launch
 from qlink.runtime.qmp import QmpSession
 from qlink.runtime.seed import write_seed
 from qlink.runtime.sshkey import ensure_ssh_credential
-from tests.conftest import GuestFiles, require
+from tests.conftest import GuestFiles
 from tests.golden import golden_path, instantiate, sources
 
 pytestmark = pytest.mark.qemu
@@ -54,6 +56,7 @@ async def prepare_files(node: dict[str, Any], paths: NodePaths, layout: Layout) 
 
 async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
     layout = Layout.under(root)
+    ports = StandInPorts()
     launched = []
     seconds: dict[str, float] = {}
     try:
@@ -61,21 +64,21 @@ async def boot_paused(document: dict[str, Any], root: Path) -> dict[str, float]:
             paths = layout.node(document["lab"], name)
             assert str(paths.qmp_socket) == node["paths"]["qmp_socket"]
             await prepare_files(node, paths, layout)
-            # The golden ports are fixed; a live lab on this host may hold them, and a QEMU
-            # bound to them (SO_REUSEADDR) would steal its frames.
-            udp_ports = [int(nic["local"].rpartition(":")[2]) for nic in node["nics"]]
-            try:
-                check_udp_ports_free("127.0.0.1", udp_ports)
-            except PortInUseError as error:
-                require(False, f"a golden port is in use on this host, not stealing it: {error}")
+            # The argv names each NIC's socket by descriptor only; free ports stand in for
+            # the golden ones (a live lab on this host may hold those), peer for peer.
+            links = [
+                LinkSocket(nic["fd"], ports.end(nic["local"]), ports.end(nic["remote"]))
+                for nic in node["nics"]
+            ]
             started = time.monotonic()
-            process, qmp = await launch([*node["argv"], "-S"], paths, timeout=20)
+            process, qmp = await launch([*node["argv"], "-S"], paths, timeout=20, links=links)
             launched.append((process, qmp))
             status = await qmp.execute("query-status")
             seconds[name] = time.monotonic() - started
             assert status["status"] == "prelaunch", status
             for nic in node["nics"]:
                 await assert_nic_placed(qmp, nic)
+            assert_sockets_handed_over(process.pid, links)
             if "seed" in node:
                 await assert_seed_inserted(qmp, paths)
     finally:
@@ -94,6 +97,37 @@ async def assert_seed_inserted(qmp: QmpSession, paths: NodePaths) -> None:
     blocks = {block["device"]: block for block in await qmp.execute("query-block")}
     inserted = blocks["seed"]["inserted"]
     assert (inserted["file"], inserted["ro"]) == (str(paths.seed), True)
+
+
+class StandInPorts:
+    """A free loopback port for each golden port, the same one wherever it appears."""
+
+    def __init__(self) -> None:
+        self._ports: dict[int, int] = {}
+
+    def end(self, text: str) -> tuple[str, int]:
+        address, _, port = text.rpartition(":")
+        while int(port) not in self._ports:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind((address, 0))
+                free = probe.getsockname()[1]
+            # Closed again, the kernel may hand the same port out twice (wide.yaml has 128
+            # ports: about one run in four otherwise).
+            if free not in self._ports.values():
+                self._ports[int(port)] = free
+        return address, self._ports[int(port)]
+
+
+def assert_sockets_handed_over(pid: int, links: list[LinkSocket]) -> None:
+    """QEMU holds each NIC's socket at its planned number, bound and connected as planned, and
+    this process kept no copy."""
+    held = {
+        connection.fd: (tuple(connection.laddr), tuple(connection.raddr))
+        for connection in psutil.Process(pid).net_connections(kind="udp4")
+    }
+    assert held == {link.fd: (link.local, link.remote) for link in links}
+    ours = psutil.Process().net_connections(kind="udp4")
+    assert not {tuple(c.laddr) for c in ours} & {link.local for link in links}
 
 
 async def assert_nic_placed(qmp: QmpSession, nic: dict[str, Any]) -> None:
