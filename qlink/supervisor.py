@@ -93,6 +93,9 @@ class _VmMachine:
         # Set once the supervisor knows whether it adopted a running VM: before that its
         # status says nothing true, so the daemon waits for it before serving.
         self.settled = asyncio.Event()
+        # Set when the task has ended for good: the node left the daemon.
+        self.retired = asyncio.Event()
+        self._crashes = 0  # bugs the task's boundary caught (VmSupervisor)
 
     @property
     def name(self) -> str:
@@ -414,20 +417,6 @@ class VmSupervisor(_VmMachine):
     """Owns one VM for the life of the daemon: the callers' side (commands into the
     mailbox) and the task, whose boundary keeps a bug here from reaching the daemon."""
 
-    def __init__(
-        self,
-        plan: NodePlan,
-        argv: list[str],
-        hooks: Hooks,
-        *,
-        settings: SupervisorSettings | None = None,
-        rng: random.Random | None = None,
-        runtime: Runtime | None = None,
-    ) -> None:
-        super().__init__(plan, argv, hooks, settings=settings, rng=rng, runtime=runtime)
-        self._crashes = 0
-        # Set when the task has ended for good: the node left the daemon.
-        self.retired = asyncio.Event()
 
     def submit(self, name: LifecycleCommand, graceful: bool = True) -> asyncio.Future[VmStatus]:
         return self._mailbox.put(Command(name, graceful))
