@@ -417,7 +417,6 @@ class VmSupervisor(_VmMachine):
     """Owns one VM for the life of the daemon: the callers' side (commands into the
     mailbox) and the task, whose boundary keeps a bug here from reaching the daemon."""
 
-
     def submit(self, name: LifecycleCommand, graceful: bool = True) -> asyncio.Future[VmStatus]:
         return self._mailbox.put(Command(name, graceful))
 
