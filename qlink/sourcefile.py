@@ -51,3 +51,21 @@ def too_big(what: str) -> str:
         f"{what}: a topology file may be at most {MAX_TOPOLOGY_BYTES} bytes "
         f"({MAX_TOPOLOGY_BYTES // (1024 * 1024)} MiB)"
     )
+
+
+def check_text(text: str, source: str) -> None:
+    """Text that did not come from `read_topology_text` (the daemon's clients send theirs)
+    meets the same bounds: its size in UTF-8, and no lone surrogate (JSON's `\\ud800`), which
+    libyaml cannot take."""
+    if len(text) > MAX_TOPOLOGY_BYTES:  # every character is at least one byte
+        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{len(text)} characters"))])
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as error:
+        line = text.count("\n", 0, error.start) + 1
+        message = (
+            f"not text: a lone surrogate U+{ord(text[error.start]):04X} at character {error.start}"
+        )
+        raise ConfigError([ConfigIssue(source, line, "", message)]) from error
+    if size > MAX_TOPOLOGY_BYTES:
+        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{size} bytes"))])

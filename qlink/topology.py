@@ -33,7 +33,7 @@ from qlink.errors import ConfigError, ConfigIssue
 from qlink.guestspec import DayZero, Readiness, day_zero_of
 from qlink.limits import HostResources, beyond_host, beyond_qemu
 from qlink.screen import screen_extra_args
-from qlink.sourcefile import MAX_TOPOLOGY_BYTES, read_topology_text, too_big
+from qlink.sourcefile import check_text, read_topology_text
 from qlink.yamlload import Location, Positions, load_document
 
 # Names end up inside QEMU's comma-separated options, file paths and log lines: allow-list them.
@@ -314,7 +314,7 @@ def parse_topology_text(
     that names it; without, the files are not looked at. With `host`, so is a node asking
     for more memory or CPUs than the host has, or an image that cannot back an overlay.
     """
-    _check_text(text, source)
+    check_text(text, source)
     document, positions = load_document(text, source)
     if not isinstance(document, Mapping):
         raise ConfigError([ConfigIssue(source, 1, "", "a topology must be a YAML mapping")])
@@ -366,24 +366,6 @@ def _beyond_host(topology: Topology, lab: Lab, host: HostResources) -> list[tupl
             name, settings, _merge(topology.defaults, settings), lab.nodes[name].image, host
         )
     ]
-
-
-def _check_text(text: str, source: str) -> None:
-    """Text that did not come from `read_topology_text` (the daemon's clients send theirs)
-    meets the same bounds: its size in UTF-8, and no lone surrogate (JSON's `\\ud800`), which
-    libyaml cannot take."""
-    if len(text) > MAX_TOPOLOGY_BYTES:  # every character is at least one byte
-        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{len(text)} characters"))])
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError as error:
-        line = text.count("\n", 0, error.start) + 1
-        message = (
-            f"not text: a lone surrogate U+{ord(text[error.start]):04X} at character {error.start}"
-        )
-        raise ConfigError([ConfigIssue(source, line, "", message)]) from error
-    if size > MAX_TOPOLOGY_BYTES:
-        raise ConfigError([ConfigIssue(source, None, "", too_big(f"{size} bytes"))])
 
 
 def _plain(value: Any) -> Any:
