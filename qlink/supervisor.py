@@ -96,6 +96,7 @@ class _VmMachine:
         # Set when the task has ended for good: the node left the daemon.
         self.retired = asyncio.Event()
         self._crashes = 0  # bugs the task's boundary caught (VmSupervisor)
+        self._stopped = asyncio.Event()  # set by `report_stopped`, for the running QEMU
 
     @property
     def name(self) -> str:
@@ -236,6 +237,7 @@ class _VmMachine:
         await self._hooks.check_ports(self.plan)
         await self._hooks.prepare_files(self.plan)
         self._ready.launching()
+        self._stopped.clear()
         process, qmp = await self._runtime.launch(
             self.argv,
             self.plan,
@@ -328,8 +330,9 @@ class _VmMachine:
         assert qmp is not None
         while True:
             exited, command, hung = await watch(
-                process, qmp, self._next_command, self._settings.liveness, self._on_event
-            )
+                process, qmp, self._next_command, self._settings.liveness, self._on_event,
+                stopped=self._stopped,
+            )  # fmt: skip
             if exited is not None and command is not None:
                 # A command and the exit at once: the exit wins, the command goes next.
                 self._mailbox.hold(command)
@@ -419,6 +422,16 @@ class VmSupervisor(_VmMachine):
 
     def submit(self, name: LifecycleCommand, graceful: bool = True) -> asyncio.Future[VmStatus]:
         return self._mailbox.put(Command(name, graceful))
+
+    def process_stopped(self) -> bool:
+        """Whether the running QEMU is stopped by a signal (read from /proc: no QMP)."""
+        process = self._process
+        return process is not None and self.status.state in SERVES_QMP and process.stopped()
+
+    def report_stopped(self, pid: int) -> None:
+        """The daemon's scan saw this VM's QEMU `pid` stopped: its task replaces it."""
+        if pid == self.status.pid:
+            self._stopped.set()
 
     def call(self, operation: VmOperation) -> asyncio.Future[Any]:
         """Run QMP work on the VM's session from its own task; fails with `NotRunning`

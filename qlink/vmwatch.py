@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from qlink.aio import first_of
 from qlink.errors import VmError
 from qlink.policy import Liveness
 from qlink.runtime.handles import MonitorHandle, ProcessHandle
@@ -33,6 +34,8 @@ async def watch(
     next_command: Callable[[], Coroutine[Any, Any, C]],
     liveness: Liveness,
     on_event: Callable[[str, dict[str, object]], None],
+    *,
+    stopped: asyncio.Event,
 ) -> tuple[ExitStatus | None, C | None, Hung | None]:
     """Until the process exits, a command arrives, or QMP stops answering. Returns the exit
     status, the command and the hang, each None unless it happened; an exit and a command
@@ -40,7 +43,7 @@ async def watch(
     async with asyncio.TaskGroup() as group:
         exited = group.create_task(process.wait())
         commanded = group.create_task(next_command())
-        hung = group.create_task(heartbeat(qmp, process, liveness))
+        hung = group.create_task(first_hang(qmp, liveness, stopped))
         recorder = group.create_task(record_events(qmp, on_event))
         done, _ = await asyncio.wait((exited, commanded, hung), return_when=asyncio.FIRST_COMPLETED)
         for task in (exited, commanded, hung, recorder):
@@ -53,6 +56,12 @@ async def watch(
     )
 
 
+async def first_hang(qmp: MonitorHandle, liveness: Liveness, stopped: asyncio.Event) -> Hung:
+    _, first = await first_of(heartbeat(qmp, liveness), stopped_seen(stopped))
+    hung: Hung = first.result()
+    return hung
+
+
 async def record_events(
     qmp: MonitorHandle, on_event: Callable[[str, dict[str, object]], None]
 ) -> None:
@@ -61,21 +70,12 @@ async def record_events(
             on_event(event["event"], event.get("data", {}))
 
 
-async def heartbeat(qmp: MonitorHandle, process: ProcessHandle, liveness: Liveness) -> Hung:
-    """Returns once `misses` query-status in a row went unanswered, or the process was seen
-    stopped `stopped_checks` times in a row."""
+async def heartbeat(qmp: MonitorHandle, liveness: Liveness) -> Hung:
+    """Returns once `misses` query-status in a row went unanswered."""
     log = structlog.get_logger(__name__)
-    loop = asyncio.get_running_loop()
-    misses = stopped = 0
-    next_probe = loop.time() + liveness.interval
+    misses = 0
     while True:
-        await asyncio.sleep(min(liveness.state_interval, max(0.0, next_probe - loop.time())))
-        stopped = stopped + 1 if process.stopped() else 0
-        if stopped >= liveness.stopped_checks:
-            return Hung(f"the QEMU process is stopped (SIGSTOP): seen {stopped} times in a row")
-        if loop.time() < next_probe:
-            continue
-        next_probe = loop.time() + liveness.interval
+        await asyncio.sleep(liveness.interval)
         try:
             await qmp.execute("query-status", timeout=liveness.timeout)
         except VmError as error:
@@ -85,3 +85,9 @@ async def heartbeat(qmp: MonitorHandle, process: ProcessHandle, liveness: Livene
                 return Hung(str(error))
         else:
             misses = 0
+
+
+async def stopped_seen(stopped: asyncio.Event) -> Hung:
+    """Once the daemon's scan of /proc saw the process stopped (`daemon/stopscan.py`)."""
+    await stopped.wait()
+    return Hung("the QEMU process is stopped (SIGSTOP)")

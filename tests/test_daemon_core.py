@@ -5,6 +5,8 @@ under a deadline."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -315,3 +317,32 @@ async def test_down_force_skips_every_guests_acpi_power_down(tmp_path: Path) -> 
             events = [event async for event in daemon.down("tri", graceful=False)]
         assert events[-1] == {"event": "done", "lab": "tri", "failed": {}}
         assert [stop.graceful for stop in runtime.stops] == [False, False, False]
+
+
+async def test_the_scan_replaces_a_stopped_qemu_and_only_that_one(tmp_path: Path) -> None:
+    runtime = FakeRuntime()
+    fast = dataclasses.replace(
+        SETTINGS, liveness=Liveness(interval=60.0, state_interval=0.01, stopped_checks=2)
+    )
+    daemon = Daemon(Layout.under(tmp_path), HostFacts(), fast, runtime=runtime)
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.serve(ready=ready.set))
+    try:
+        async with asyncio.timeout(DEADLINE):
+            await ready.wait()
+        await up(daemon, TRIANGLE)
+        before = {row["node"]: row["pid"] for row in daemon.status()}
+        stopped = next(p for p in runtime.processes if p.pid == before["b"])
+        with daemon.subscribe() as events:
+            stopped.send_signal(signal.SIGSTOP)
+            async with asyncio.timeout(DEADLINE):
+                while not (
+                    (e := await events.get()).get("node") == "b" and e["state"] == "running"
+                ):
+                    pass
+        after = {row["node"]: row["pid"] for row in daemon.status()}
+        assert after["b"] != before["b"]
+        assert (after["a"], after["c"]) == (before["a"], before["c"])
+    finally:
+        task.cancel()
+        await asyncio.wait({task})

@@ -784,16 +784,19 @@ async def test_cancelling_during_backoff_ends_quietly() -> None:
         assert runtime.calls == ["launch"]
 
 
-async def test_a_stopped_process_is_noticed_between_qmp_probes_and_replaced() -> None:
+async def test_a_stopped_process_reported_by_the_scan_is_replaced() -> None:
     """SIGSTOP leaves QMP silent, yet a probe every 30 s took a minute to notice it: the
-    process's state in /proc is read every `state_interval` in between."""
-    settings = dataclasses.replace(
-        SETTINGS, liveness=Liveness(interval=60.0, state_interval=0.01, stopped_checks=3)
-    )
+    daemon's scan of /proc reports it, and the VM's own task replaces it."""
+    settings = dataclasses.replace(SETTINGS, liveness=Liveness(interval=60.0))
     async with supervised(settings=settings) as rig:
         first_pid = (await rig.until(is_state(RUNNING))).pid
+        assert first_pid is not None
         process = rig.runtime.processes[0]
+        assert not rig.supervisor.process_stopped()
         process.send_signal(signal.SIGSTOP)
+        assert rig.supervisor.process_stopped()
+        rig.supervisor.report_stopped(first_pid + 1000)  # another QEMU's: ignored
+        rig.supervisor.report_stopped(first_pid)
         status = await rig.until(running_after(1))
         assert status.pid != first_pid
         assert signal.SIGKILL in process.signals

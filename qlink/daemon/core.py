@@ -24,6 +24,7 @@ from qlink.daemon.events import Event, EventBus, Subscription
 from qlink.daemon.hooks import DaemonHooks, check_node_ports
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
+from qlink.daemon.stopscan import scan_stopped
 from qlink.daemon.views import is_ready, link_row, link_rows, not_ready_because, status_rows
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.limits import HostResources
@@ -86,6 +87,7 @@ class Daemon:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 dispatcher = group.create_task(watcher.run()) if watcher is not None else None
+                scanner = group.create_task(scan_stopped(self.labs, self.settings.liveness))
                 try:
                     self._restore_labs()
                     # Serve only once every VM left by a previous qlinkd is adopted (or known
@@ -100,6 +102,7 @@ class Daemon:
                     for lab in self.labs:
                         for task in lab.tasks_to_end():
                             task.cancel()
+                    scanner.cancel()
                     if dispatcher is not None:
                         dispatcher.cancel()
                     self._group = None
