@@ -102,17 +102,6 @@ class _VmMachine:
     def name(self) -> str:
         return self.plan.name
 
-    async def _serve(self, adopt_identity: ProcessIdentity | None, want_running: bool) -> None:
-        adopted = adopt_identity is not None and await self._adopt(adopt_identity)
-        self.settled.set()
-        if adopted:
-            await self._serve_adopted()
-        elif want_running:
-            await self._start_with_policy()
-        while True:
-            command = await self._next_command()
-            await self._handle_idle_command(command)
-
     async def _handle_idle_command(self, command: Command) -> None:
         """A lifecycle command while nothing runs (STOPPED or FAILED)."""
         self._mailbox.serving = command
@@ -158,41 +147,6 @@ class _VmMachine:
         for predicate, future in list(self._state_waiters):
             if not future.done() and predicate(self.status):
                 future.set_result(None)
-
-    async def _adopt(self, identity: ProcessIdentity) -> bool:
-        verdict, process = self._runtime.adopt(identity)
-        if verdict is not AdoptVerdict.ADOPTED or process is None:
-            self._log.info("vm_not_adopted", pid=identity.pid, verdict=verdict.value)
-            self._hooks.record_process(self.plan, None)
-            return False
-        try:
-            qmp = await self._runtime.connect(
-                f"{self.plan.lab}/{self.plan.name}", self.plan, self._settings.launch_timeout
-            )
-        except VmError as error:
-            # Alive but deaf: kill it, and let the policy bring it back.
-            self._log.warning("vm_adopt_qmp_failed", pid=identity.pid, error=str(error))
-            await self._runtime.stop(process, None, self._settings.stop_timeouts, graceful=False)
-            self._hooks.record_process(self.plan, None)
-            return False
-        self._process, self._qmp = process, qmp
-        self._ready.adopted()
-        # Adopted VMs are running: the transition is the daemon learning it, not a start.
-        self._set_state(VmState.RUNNING, pid=identity.pid, started_at=identity.start_time)
-        self._log.info("vm_adopted", pid=identity.pid)
-        return True
-
-    async def _serve_adopted(self) -> None:
-        """An adopted VM is served like one we started; what ends it is handled the same."""
-        outcome = await self._serve_running()
-        if isinstance(outcome, Command):
-            self.status.restarts += 1
-            await self._start_with_policy(outcome)
-        elif isinstance(outcome, ExitStatus):
-            retry, command = await self._after_exit(outcome)
-            if retry:
-                self.status.restarts += 1
-                await self._start_with_policy(command)
 
     async def _start_with_policy(self, command: Command | None = None) -> None:
         """STARTING → RUNNING, through BACKOFF as often as the policy allows, and back to
@@ -510,3 +464,49 @@ class VmSupervisor(_VmMachine):
             self._mailbox.close(Gone(self.name))
         self.settled.set()
         self.retired.set()
+
+    async def _adopt(self, identity: ProcessIdentity) -> bool:
+        verdict, process = self._runtime.adopt(identity)
+        if verdict is not AdoptVerdict.ADOPTED or process is None:
+            self._log.info("vm_not_adopted", pid=identity.pid, verdict=verdict.value)
+            self._hooks.record_process(self.plan, None)
+            return False
+        try:
+            qmp = await self._runtime.connect(
+                f"{self.plan.lab}/{self.plan.name}", self.plan, self._settings.launch_timeout
+            )
+        except VmError as error:
+            # Alive but deaf: kill it, and let the policy bring it back.
+            self._log.warning("vm_adopt_qmp_failed", pid=identity.pid, error=str(error))
+            await self._runtime.stop(process, None, self._settings.stop_timeouts, graceful=False)
+            self._hooks.record_process(self.plan, None)
+            return False
+        self._process, self._qmp = process, qmp
+        self._ready.adopted()
+        # Adopted VMs are running: the transition is the daemon learning it, not a start.
+        self._set_state(VmState.RUNNING, pid=identity.pid, started_at=identity.start_time)
+        self._log.info("vm_adopted", pid=identity.pid)
+        return True
+
+    async def _serve_adopted(self) -> None:
+        """An adopted VM is served like one we started; what ends it is handled the same."""
+        outcome = await self._serve_running()
+        if isinstance(outcome, Command):
+            self.status.restarts += 1
+            await self._start_with_policy(outcome)
+        elif isinstance(outcome, ExitStatus):
+            retry, command = await self._after_exit(outcome)
+            if retry:
+                self.status.restarts += 1
+                await self._start_with_policy(command)
+
+    async def _serve(self, adopt_identity: ProcessIdentity | None, want_running: bool) -> None:
+        adopted = adopt_identity is not None and await self._adopt(adopt_identity)
+        self.settled.set()
+        if adopted:
+            await self._serve_adopted()
+        elif want_running:
+            await self._start_with_policy()
+        while True:
+            command = await self._next_command()
+            await self._handle_idle_command(command)

@@ -1,5 +1,5 @@
 """Packet capture of one link end, with QEMU's own `filter-dump` added and removed over QMP
-(by the VM's supervisor, `Daemon.start_capture`).
+(by the VM's supervisor, `daemon/filters.py`).
 
 No bridge and no restart: the filter sits on the netdev and sees both directions. QEMU
 writes a pcap file; the daemon follows the file as it grows and streams it to the client, so
@@ -15,6 +15,7 @@ import structlog
 from asyncinotify import Inotify, Mask
 
 from qlink.daemon import Daemon
+from qlink.daemon.filters import start_capture, stop_capture
 
 log = structlog.get_logger(__name__)
 
@@ -23,13 +24,13 @@ CHUNK = 65536
 
 async def capture(daemon: Daemon, endpoint: str) -> AsyncGenerator[bytes, None]:
     """pcap bytes of `NODE:IF`, both directions, until the caller stops."""
-    supervisor, filter_id, path = await daemon.start_capture(endpoint)
+    supervisor, filter_id, path = await start_capture(daemon.labs, endpoint)
     log.info("capture_started", endpoint=endpoint, file=str(path))
     try:
         async for chunk in _follow(path):
             yield chunk
     finally:
-        await daemon.stop_capture(supervisor, filter_id)
+        await stop_capture(supervisor, filter_id)
         path.unlink(missing_ok=True)
         log.info("capture_stopped", endpoint=endpoint)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ from qlink.daemon.hooks import DaemonHooks, check_node_ports
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
 from qlink.daemon.stopscan import scan_stopped
-from qlink.daemon.views import is_ready, link_row, link_rows, not_ready_because, status_rows
+from qlink.daemon.views import link_row, link_rows, status_rows
+from qlink.daemon.waiting import wait_ready
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.limits import HostResources
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_arguments
@@ -39,7 +39,6 @@ from qlink.runtime.ports import check_udp_ports_free
 from qlink.runtime.ports import ports_in_use as host_ports_in_use
 from qlink.runtime.process import CreationWatcher, ProcessIdentity
 from qlink.state import load_allocations, save_allocations
-from qlink.states import IDLE
 from qlink.supervisor import VmSupervisor
 from qlink.topology import Lab, parse_topology_text
 
@@ -47,7 +46,6 @@ log = structlog.get_logger("qlinkd")
 
 NODE_VERBS = ("start", "stop", "restart")
 CARRIER_SETTLE_TIMEOUT = 5.0
-_capture_serial = itertools.count(1)
 
 
 class Daemon:
@@ -365,52 +363,9 @@ class Daemon:
 
         return await supervisor.call(passthrough)
 
-    async def start_capture(self, reference: str) -> tuple[VmSupervisor, str, Path]:
-        """A `filter-dump` on the netdev of `NODE:IF`: its id and the pcap file QEMU writes."""
-        _, supervisor, interface = self.labs.find_endpoint(reference)
-        plan = supervisor.plan
-        nic = plan.nic(interface)
-        number = next(_capture_serial)
-        filter_id = f"qlink-capture-{number}"
-        path = plan.paths.runtime_dir / f"capture-{interface}-{number}.pcap"
-        path.unlink(missing_ok=True)
-
-        async def add_filter(qmp: MonitorHandle, pid: int) -> None:
-            await qmp.execute(
-                "object-add",
-                {"qom-type": "filter-dump", "id": filter_id, "netdev": nic.netdev_id,
-                 "file": str(path)},
-            )  # fmt: skip
-
-        await supervisor.call(add_filter)
-        return supervisor, filter_id, path
-
-    @staticmethod
-    async def stop_capture(supervisor: VmSupervisor, filter_id: str) -> None:
-        async def remove_filter(qmp: MonitorHandle, pid: int) -> None:
-            await qmp.execute("object-del", {"id": filter_id})
-
-        with contextlib.suppress(QlinkError):  # a QEMU that is gone took its filter along
-            await supervisor.call(remove_filter)
-
     async def wait_ready(self, references: list[str], timeout: float) -> dict[str, str]:
-        """Until every named node (every node of every lab, when none is named) is ready;
-        returns the ones that are not, with why, once `timeout` passed or none of them can
-        get there any more (failed or stopped)."""
-        targets = (
-            [self.labs.find_node(reference) for reference in references]
-            if references
-            else [(lab, supervisor) for lab in self.labs for supervisor in lab.supervisors.values()]
-        )
-        waits = [supervisor.wait_for(_ready_or_idle(supervisor)) for _, supervisor in targets]
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*waits)
-        return {
-            f"{lab.name}/{supervisor.name}": not_ready_because(supervisor)
-            for lab, supervisor in targets
-            if not is_ready(supervisor)
-        }
+        """See `daemon/waiting.py`; here for the API and the tests."""
+        return await wait_ready(self.labs, references, timeout)
 
     # --- read models --------------------------------------------------------------------
 
@@ -422,10 +377,6 @@ class Daemon:
 
     def subscribe(self) -> contextlib.AbstractContextManager[Subscription]:
         return self.events.subscribe()
-
-
-def _ready_or_idle(supervisor: VmSupervisor) -> Callable[[VmStatus], bool]:
-    return lambda status: is_ready(supervisor) or status.state in IDLE
 
 
 async def _plug_nic(qmp: MonitorHandle, plan: NodePlan, nic: NicPlan) -> None:
