@@ -1,0 +1,222 @@
+"""A real routing lab: configs/frr-clos.yaml (2 spines, 2 leaves, Debian + FRR from
+guest/build-image) under TCG. Day 0 comes from the file alone: cloud-init renames the data
+NICs to the file's names by MAC and writes frr.conf (eBGP unnumbered, each leaf announcing
+its loopback, ECMP over both spines). Checked from inside the guests over `qlinkctl ssh`:
+every BGP session Established, leaf loopback to leaf loopback with two next hops, LLDP
+neighbours as cabled, renames done before FRR started, and a spine restart that leaves the
+other three QEMUs alone while the leaves keep forwarding over the other spine."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Qlinkd, qemu_pid_of, require
+
+pytestmark = pytest.mark.guest
+
+StartDaemon = Callable[..., Qlinkd]
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "configs" / "frr-clos.yaml"
+IMAGE = Path(os.environ.get("QLINK_IMAGE_DIR", "/var/cache/qlink/image"), "debian-frr.qcow2")
+LAB = "frr-clos"
+NODES = ("spine1", "spine2", "leaf1", "leaf2")
+CABLES = (  # as configs/frr-clos.yaml cables them
+    (("spine1", "swp1"), ("leaf1", "swp51")),
+    (("spine1", "swp2"), ("leaf2", "swp51")),
+    (("spine2", "swp1"), ("leaf1", "swp52")),
+    (("spine2", "swp2"), ("leaf2", "swp52")),
+)
+LOOPBACKS = {"leaf1": "10.0.0.11", "leaf2": "10.0.0.12"}
+UP_TIMEOUT = 900  # four TCG guests booting at once on 2 cores
+CONVERGE_TIMEOUT = 180.0
+
+
+def ports_of(node: str) -> dict[str, tuple[str, str]]:
+    """The node's interfaces → (peer node, peer interface), from CABLES."""
+    found: dict[str, tuple[str, str]] = {}
+    for a, b in CABLES:
+        for (here, port), peer in ((a, b), (b, a)):
+            if here == node:
+                found[port] = peer
+    return found
+
+
+def ssh(daemon: Qlinkd, node: str, command: str, timeout: float = 120) -> str:
+    return daemon.ctl_ok("ssh", node, "--", command, timeout=timeout)
+
+
+def ssh_json(daemon: Qlinkd, node: str, command: str) -> Any:
+    return json.loads(ssh(daemon, node, command))
+
+
+def until(what: str, check: Callable[[], str | None], timeout: float) -> float:
+    """Seconds until `check` returns None (done); it returns why not yet otherwise."""
+    started = time.monotonic()
+    while (why := check()) is not None:
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"{what} not within {timeout:.0f} s: {why}")
+        time.sleep(2)
+    return time.monotonic() - started
+
+
+def not_established(daemon: Qlinkd, node: str) -> str | None:
+    """None when every BGP session of `node` (one per cabled port) is Established."""
+    result = daemon.ctl("ssh", node, "--", "vtysh -c 'show bgp summary json'", timeout=60)
+    if result.returncode != 0:
+        return f"{node}: ssh: {result.stderr.strip()}"
+    peers = json.loads(result.stdout).get("ipv4Unicast", {}).get("peers", {})
+    states = {peer: info.get("state") for peer, info in peers.items()}
+    if set(states) != set(ports_of(node)) or set(states.values()) != {"Established"}:
+        return f"{node}: {states}"
+    return None
+
+
+def all_established(daemon: Qlinkd, nodes: tuple[str, ...] = NODES) -> str | None:
+    for node in nodes:
+        if (why := not_established(daemon, node)) is not None:
+            return why
+    return None
+
+
+def two_next_hops(daemon: Qlinkd) -> str | None:
+    """None once leaf1 routes leaf2's loopback over both spines (ECMP)."""
+    routes = ssh_json(daemon, "leaf1", "vtysh -c 'show ip route 10.0.0.12/32 json'")
+    hops = [
+        hop.get("interfaceName")
+        for route in routes.get("10.0.0.12/32", [])
+        if route.get("selected")
+        for hop in route.get("nexthops", [])
+        if hop.get("active")
+    ]
+    return None if sorted(hops) == ["swp51", "swp52"] else f"next hops {hops}"
+
+
+def lldp_neighbors(daemon: Qlinkd, node: str) -> dict[str, tuple[str, str]]:
+    """Port → (neighbour's system name, its port), from `lldpcli show neighbors -f json`."""
+    answer = ssh_json(daemon, node, "lldpcli show neighbors -f json")
+    interfaces = answer.get("lldp", {}).get("interface", [])
+    if isinstance(interfaces, dict):  # lldpcli writes one interface as an object
+        interfaces = [interfaces]
+    found: dict[str, tuple[str, str]] = {}
+    for entry in interfaces:
+        for port, info in entry.items():
+            chassis = info.get("chassis", {})
+            name = next(iter(chassis)) if len(chassis) == 1 else str(chassis.get("name"))
+            found[port] = (name, info.get("port", {}).get("descr", ""))
+    return found
+
+
+def lldp_mismatch(daemon: Qlinkd) -> str | None:
+    for node in NODES:
+        seen = {
+            port: peer for port, peer in lldp_neighbors(daemon, node).items() if port != "enp0s1"
+        }
+        if seen != ports_of(node):
+            return f"{node}: {seen}"
+    return None
+
+
+def renames_before_frr(daemon: Qlinkd, node: str) -> None:
+    """Each data NIC got its name from the file (by MAC) before FRR started: the kernel's
+    last `renamed from` line per port is earlier than frr.service's start (monotonic)."""
+    started_us = int(
+        ssh(daemon, node, "systemctl show frr -p ExecMainStartTimestampMonotonic --value")
+    )
+    journal = ssh(
+        daemon, node, "journalctl -b -k -o short-monotonic --no-pager --grep 'renamed from'"
+    )
+    renamed: dict[str, float] = {}
+    for match in re.finditer(r"\[\s*([0-9.]+)\].* (\S+): renamed from (\S+)", journal):
+        renamed[match.group(2)] = float(match.group(1))
+    for port in ports_of(node):
+        assert port in renamed, f"{node}: {port} was never renamed:\n{journal}"
+        assert renamed[port] * 1e6 < started_us, (
+            f"{node}: {port} renamed at {renamed[port]:.2f} s, "
+            f"FRR started at {started_us / 1e6:.2f} s"
+        )
+    links = ssh(daemon, node, "ls /sys/class/net").split()
+    assert sorted(link for link in links if link.startswith("swp")) == sorted(ports_of(node))
+
+
+def ping_loss(output: str) -> tuple[int, int]:
+    """(transmitted, received) from ping's summary."""
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    assert match, output
+    return int(match.group(1)), int(match.group(2))
+
+
+def test_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
+    test_started = time.monotonic()
+    require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 is not installed")
+    require(IMAGE.is_file(), f"the lab image is not built: {IMAGE} (run guest/build-image)")
+    config = short_root / "frr-clos.yaml"
+    text = CONFIG.read_text()
+    assert "/var/cache/qlink/image/debian-frr.qcow2" in text
+    config.write_text(text.replace("/var/cache/qlink/image/debian-frr.qcow2", str(IMAGE)))
+    shutil.copytree(CONFIG.parent / "frr-clos", short_root / "frr-clos")
+
+    daemon = qlinkd("--powerdown-timeout", "20")
+    started = time.monotonic()
+    daemon.ctl_ok(
+        "up", str(config), "--wait", "--timeout", str(UP_TIMEOUT), timeout=UP_TIMEOUT + 60
+    )
+    up_seconds = time.monotonic() - started
+    status = daemon.status()
+    figures = {
+        f"boot to ready {node}": f"{status[f'{LAB}/{node}']['time_to_ready']:.1f} s"
+        for node in NODES
+    }
+    figures["up --wait"] = f"{up_seconds:.1f} s"
+    assert all(status[f"{LAB}/{node}"]["ready"] for node in NODES), status
+
+    converged = until(
+        "every BGP session Established", lambda: all_established(daemon), CONVERGE_TIMEOUT
+    )
+    figures["BGP converged after up returned"] = f"{converged:.1f} s"
+    until("ECMP over both spines", lambda: two_next_hops(daemon), 60)
+    ssh(daemon, "leaf1", "ping -c 3 -W 2 -I 10.0.0.11 10.0.0.12")
+    ssh(daemon, "leaf2", "ping -c 3 -W 2 -I 10.0.0.12 10.0.0.11")
+    for node in NODES:
+        renames_before_frr(daemon, node)
+    lldp_seconds = until("LLDP neighbours as cabled", lambda: lldp_mismatch(daemon), 90)
+    figures["LLDP as cabled after BGP"] = f"{lldp_seconds:.1f} s"
+
+    # Restart spine1 while leaf1 pings leaf2's loopback every 0.1 s, from before spine1 goes
+    # down until its sessions are back: the other QEMUs keep their PIDs, the leaves fall back
+    # to spine2 and take spine1 back. The ping runs in the guest (ssh returns at once) and is
+    # stopped with SIGINT, which makes it print its summary.
+    others = {node: qemu_pid_of(short_root, LAB, node) for node in NODES if node != "spine1"}
+    ssh(daemon, "leaf1", "nohup ping -q -i 0.1 -W 1 -I 10.0.0.11 10.0.0.12"
+        " </dev/null >/tmp/ping.log 2>&1 &")  # fmt: skip
+    time.sleep(3)
+    restart_started = time.monotonic()
+    daemon.ctl_ok("restart", "spine1", timeout=120)
+    assert {node: qemu_pid_of(short_root, LAB, node) for node in others} == others
+    daemon.ctl_ok("wait", "spine1", "--timeout", str(UP_TIMEOUT))
+    back = until("spine1's sessions back", lambda: all_established(daemon), CONVERGE_TIMEOUT)
+    figures["spine1 restart to Established"] = f"{time.monotonic() - restart_started:.1f} s"
+    figures["sessions after spine1 ready"] = f"{back:.1f} s"
+    until("ECMP over both spines again", lambda: two_next_hops(daemon), 60)
+    time.sleep(3)
+    ping_output = ssh(daemon, "leaf1", "kill -INT $(pidof ping); sleep 1; cat /tmp/ping.log")
+    sent, received = ping_loss(ping_output)
+    figures["ping during spine1 restart"] = (
+        f"{sent - received} of {sent} lost ({100 * (sent - received) / sent:.1f} %)"
+    )
+    assert {node: qemu_pid_of(short_root, LAB, node) for node in others} == others
+    assert sent > 300, ping_output  # 30 s and more: spine1 went down and came back meanwhile
+    assert sent - received < sent / 4, ping_output
+
+    daemon.ctl_ok("down", LAB, timeout=180)
+    figures["test"] = f"{time.monotonic() - test_started:.1f} s"
+    print("\n" + "\n".join(f"FIGURE {name}: {value}" for name, value in figures.items()))
