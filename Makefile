@@ -2,14 +2,19 @@
 VENV   ?= .venv
 PYTHON ?= $(VENV)/bin/python
 
-.PHONY: setup test test-fast lint golden guest demo bench bench-quick clean
+.PHONY: setup test test-frr test-fast lint golden guest demo bench bench-quick clean
 
 setup:
 	./scripts/setup
 
-# The whole suite: pure tests, linters, real QEMU (-S) and real guests under TCG.
+# The whole suite: pure tests, linters, real QEMU (-S) and real guests under TCG; the FRR lab
+# on the Debian image (about 4 min) is `make test-frr`.
 test:
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not frr"
+
+test-frr:
+	guest/build-image
+	$(PYTHON) -m pytest -q -m frr
 
 # Pure tier and linters only: seconds, no QEMU.
 test-fast:

@@ -21,7 +21,9 @@ import pytest
 
 from tests.conftest import Qlinkd, qemu_pid_of, require
 
-pytestmark = pytest.mark.guest
+# `make test-frr`: not in `make test` (CI) until its one convergence failure (spine1:swp1 Idle
+# for 180 s, once in four runs, before RAs were added to day 0) is understood.
+pytestmark = [pytest.mark.guest, pytest.mark.frr]
 
 StartDaemon = Callable[..., Qlinkd]
 
