@@ -33,11 +33,16 @@ def progress_line(event: dict[str, Any]) -> str | None:
             lines += [f"  {verb} {node}: {why}" for node, why in event[verb].items()]
         return "\n".join(lines)
     if kind == "node_state":
-        detail = f" (pid {event['pid']})" if event.get("pid") else ""
-        if event.get("last_error") and event["state"] in ("backoff", "failed"):
-            detail += f": {event['last_error'].splitlines()[0]}"
-        return f"  {event['node']}: {event['state']}{detail}"
+        return f"  {event['node']}: {node_state_text(event)}"
     return None
+
+
+def node_state_text(event: dict[str, Any]) -> str:
+    """`running (pid 4242)`, or `failed: why` (the first line of the cause)."""
+    detail = f" (pid {event['pid']})" if event.get("pid") else ""
+    if event.get("last_error") and event["state"] in ("backoff", "failed"):
+        detail += f": {event['last_error'].splitlines()[0]}"
+    return f"{event['state']}{detail}"
 
 
 def duration(seconds: float | None) -> str:
@@ -157,10 +162,7 @@ def event_line(event: dict[str, Any]) -> str | None:
     kind = event.get("event")
     where = f"{event.get('lab')}/{event.get('node')}" if "node" in event else event.get("lab")
     if kind == "node_state":
-        detail = f" (pid {event['pid']})" if event.get("pid") else ""
-        if event.get("last_error") and event["state"] in ("backoff", "failed"):
-            detail += f": {event['last_error'].splitlines()[0]}"
-        text = f"{event['state']}{detail}"
+        text = node_state_text(event)
     elif kind == "carrier":
         where = f"{where}:{event['interface']}"
         text = f"carrier {'up' if event['up'] else event['reason']}"

@@ -11,7 +11,7 @@ from qlink.daemon.changes import RunningNode
 from qlink.daemon.records import LabRecord
 from qlink.errors import Conflict, Invalid, NotFound
 from qlink.plan.lab import LabPlan
-from qlink.states import GIVES_PEERS_CARRIER, SERVES_QMP
+from qlink.states import GIVES_PEERS_CARRIER
 from qlink.supervisor import VmSupervisor
 from qlink.topology import Link
 
@@ -34,10 +34,6 @@ class LabRuntime:
     @property
     def name(self) -> str:
         return self.plan.name
-
-    def running(self, node: str) -> bool:
-        supervisor = self.supervisors.get(node)
-        return supervisor is not None and supervisor.status.state in SERVES_QMP
 
     def wanted_carrier(self, link: Link, node: str) -> tuple[bool, str]:
         """Whether `node`'s end of `link` should have carrier, and why (not)."""
