@@ -1,4 +1,5 @@
-"""structlog, configured once: JSON lines under systemd, readable text on a terminal."""
+"""structlog, configured once: fields in journald under systemd, JSON lines when piped,
+readable text on a terminal."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import TextIO
 
 import structlog
 
+from qlink.journal import JournalLogger, stderr_is_journal
+
 
 def under_systemd() -> bool:
     """systemd sets JOURNAL_STREAM when stderr is connected to the journal."""
@@ -16,9 +19,16 @@ def under_systemd() -> bool:
 
 
 def configure(
-    json: bool | None = None, level: int = logging.INFO, stream: TextIO | None = None
+    json: bool | None = None,
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+    journal: bool | None = None,
 ) -> None:
+    """`journal` None: journald's native protocol when systemd connected stderr to it."""
     stream = stream or sys.stderr
+    if journal or (journal is None and json is None and stderr_is_journal()):
+        _configure_journal(level, stream)
+        return
     as_json = under_systemd() or not stream.isatty() if json is None else json
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
@@ -35,5 +45,21 @@ def configure(
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def _configure_journal(level: int, fallback: TextIO) -> None:
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            # the event dict itself reaches the logger, which makes it journald fields
+            lambda _logger, _name, event: event,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=lambda *_args: JournalLogger("qlinkd", fallback),
         cache_logger_on_first_use=True,
     )

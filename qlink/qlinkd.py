@@ -86,7 +86,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--root", help="keep everything under DIR (default /var/lib/qlink and /run/qlink)"
     )
-    parser.add_argument("--log-format", choices=("auto", "json", "text"), default="auto")
+    parser.add_argument(
+        "--log-format", choices=("auto", "journal", "json", "text"), default="auto",
+        help="auto: journald's fields when systemd connects stderr to the journal, JSON lines "
+        "when stderr is not a terminal, text on a terminal",
+    )  # fmt: skip
     # The defaults are the settings' own, so that there is one place to change them.
     backoff, liveness, settings = Backoff(), Liveness(), SupervisorSettings()
     parser.add_argument("--backoff-initial", type=float, default=backoff.initial, metavar="SECONDS")
@@ -109,7 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> NoReturn:
     args = parse_args(argv)
-    logs.configure(json={"auto": None, "json": True, "text": False}[args.log_format])
+    if args.log_format == "journal":
+        logs.configure(journal=True)
+    else:
+        logs.configure(json={"auto": None, "json": True, "text": False}[args.log_format])
     settings = SupervisorSettings(
         backoff=Backoff(initial=args.backoff_initial, attempts=args.backoff_attempts),
         liveness=Liveness(interval=args.liveness_interval),

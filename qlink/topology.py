@@ -13,6 +13,7 @@ and what its YAML composes in `yamlload.py`, with fixed limits far above any rea
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -503,7 +504,11 @@ def _anchor(path: str | None, base: Path) -> str | None:
     """Relative paths in a topology are relative to the file, as in a compose file."""
     if path is None:
         return None
-    expanded = Path(path).expanduser() if path.startswith("~") else Path(path)
+    expanded = Path(path)
+    if path.startswith("~"):
+        # as a shell does, `~nosuchuser/disk` stays literal (and is then reported missing)
+        with contextlib.suppress(RuntimeError, KeyError):
+            expanded = expanded.expanduser()
     return str(expanded if expanded.is_absolute() else base / expanded)
 
 

@@ -311,3 +311,11 @@ def test_any_text_is_a_lab_or_a_config_error(cuts: list[int], pieces: list[str])
     except ConfigError as error:
         issues = list(error.issues)
     assert all(issue.message for issue in issues)
+
+
+def test_a_tilde_of_an_unknown_user_stays_a_literal_path() -> None:
+    """Found by the test above: `~:` made pathlib raise (no such user), a 500 from the API."""
+    lab = parse_topology_text(
+        "name: t\nnodes:\n  a: {kernel: '~no-such-user-qlink/vmlinuz'}\n", "/labs/lab.yaml"
+    )
+    assert lab.nodes["a"].kernel == "/labs/~no-such-user-qlink/vmlinuz"
