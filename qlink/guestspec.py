@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import regex
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from qlink.errors import ConfigError
 from qlink.sourcefile import read_topology_text
@@ -22,17 +22,37 @@ MAX_PATTERN = 1000
 
 
 class Readiness(BaseModel):
-    """`ready: {console: REGEX}`: the node is ready once a line its guest prints on the serial
-    console matches (a login prompt, a NOS's own banner). Works for any guest, whatever it
-    runs, since QEMU logs the console itself."""
+    """When the node's guest counts as ready, from one source:
+
+    - `ready: {console: REGEX}`: a line its guest prints on the serial console matches (a
+      login prompt, a NOS's own banner). Works for any guest, whatever it runs, since QEMU
+      logs the console itself.
+    - `ready: {agent: true}`: the QEMU guest agent answers `guest-ping` (qlink adds the
+      virtio-serial channel `org.qemu.guest_agent.0`): the guest's userspace is up.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    console: str
+    console: str | None = None
+    agent: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Readiness:
+        if (self.console is None) == (not self.agent):
+            raise ValueError("name one source: `console: REGEX` or `agent: true`")
+        return self
+
+    @property
+    def source(self) -> str:
+        """For messages: what the node waits for."""
+        return "the guest agent to answer guest-ping" if self.agent else (
+            f"a console line to match {self.console!r}")  # fmt: skip
 
     @field_validator("console")
     @classmethod
-    def _compiles(cls, value: str) -> str:
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value:
             raise ValueError("an empty pattern matches before the guest says anything")
         if len(value) > MAX_PATTERN:

@@ -83,13 +83,16 @@ QLINK_ROOT_SLOTS = range(0x01, 0x1E + 1)
 # Every QOM type an option `-global DRIVER.PROP=VALUE` would reach in qlink's devices: QEMU
 # applies a global to every device whose type is DRIVER or derives from it or implements it
 # (object_dynamic_cast), so `pci-device` reaches every NIC. Read from QEMU 7.2 with
-# `qom-list-types` for the NIC models, virtio-blk-pci, pci-bridge and pvpanic.
+# `qom-list-types` for the NIC models, virtio-blk-pci, pci-bridge, pvpanic and the guest
+# agent's virtio-serial-pci and virtserialport.
 _QLINK_DEVICE_TYPES = frozenset((
     "virtio-net-pci", "virtio-net-pci-base", "virtio-net-device", "e1000", "e1000-base",
     "e1000e", "rtl8139", "vmxnet3", "virtio-blk-pci", "virtio-blk-pci-base", "virtio-blk-device",
     "virtio-pci", "virtio-device", "pci-bridge", "base-pci-bridge", "pvpanic", "pci-device",
     "isa-device", "device", "object", "conventional-pci-device", "pci-express-device",
     "hotplug-handler", "acpi-dev-aml-interface", "resettable", "vmstate-if",
+    "virtio-serial-pci", "virtio-serial-pci-base", "virtio-serial-device", "virtserialport",
+    "virtio-serial-port",
 ))  # fmt: skip
 # Properties qlink relies on whatever device carries them: NIC hotplug behind its bridges is
 # ACPI's (q35's ICH9-LPC).

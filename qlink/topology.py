@@ -84,6 +84,7 @@ LabName = Annotated[str, AfterValidator(_lab_name)]
 NodeName = Annotated[str, AfterValidator(_node_name)]
 InterfaceName = Annotated[str, AfterValidator(_interface_name)]
 UdpPort = Annotated[int, Field(ge=1, le=65535)]
+CarrierFollows = bool | Literal["ready"]
 
 
 class _Strict(BaseModel):
@@ -213,9 +214,11 @@ class Topology(_Strict):
     defaults: NodeSettings = NodeSettings()
     nodes: dict[NodeName, NodeSettings] = Field(min_length=1)
     links: tuple[Link, ...] = ()
-    carrier_follows_peer: bool = Field(
+    carrier_follows_peer: CarrierFollows = Field(
         default=True,
-        description="a node that stops takes its peers' ports down, as a rebooting switch does",
+        description="true: a node that stops takes its peers' ports down, as a switch that "
+        "powers off does; `ready`: also while it is not ready (booting, or rebooting by "
+        "itself: its QEMU stays, its guest resets), as a rebooting switch does; false: never",
     )
 
     @field_validator("nodes", mode="before")
@@ -255,7 +258,7 @@ class Lab(_Strict):
     source: str = Field(description="the file the lab was read from, for messages")
     nodes: dict[str, Node]
     links: tuple[Link, ...]
-    carrier_follows_peer: bool = True
+    carrier_follows_peer: CarrierFollows = True
 
     def link_of(self, node: str, interface: str) -> Link | None:
         for link in self.links:

@@ -14,15 +14,22 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from qlink.plan.lab import NodePlan
 from qlink.policy import VmStatus
+from qlink.runtime.agent_ready import AgentError, AgentReadiness
 from qlink.runtime.console_ready import ConsoleReadiness, log_size
 
 ADOPTED_LOOKBACK = 1 << 20
 """How much of an adopted VM's console log is searched: its QEMU may have printed the ready
 line before qlinkd restarted, and the lines of older boots are further back (mostly)."""
+
+
+class ReadySource(Protocol):
+    def restart_at_end(self) -> None: ...
+
+    async def matched(self) -> str: ...
 
 
 class ReadyWatch:
@@ -33,17 +40,27 @@ class ReadyWatch:
         self._status = status
         self._changed = changed
         self._log = log
-        self._search: ConsoleReadiness | None = None
+        self._search: ReadySource | None = None
         self._lost = asyncio.Event()
 
     def configure(self, plan: NodePlan) -> None:
         self._plan = plan
 
     def _start(self, offset: int) -> None:
+        self._close()
         ready = self._plan.node.ready
-        path = self._plan.paths.console_log
-        self._search = ConsoleReadiness(path, ready.console, offset) if ready else None
+        paths = self._plan.paths
+        if ready is None:
+            self._search = None
+        elif ready.console is not None:
+            self._search = ConsoleReadiness(paths.console_log, ready.console, offset)
+        else:
+            self._search = AgentReadiness(paths.agent_socket)
         self._status.ready_at = None
+
+    def _close(self) -> None:
+        if isinstance(self._search, AgentReadiness):
+            self._search.close()
 
     def launching(self) -> None:
         """Before a launch: only the new QEMU's output counts."""
@@ -53,6 +70,7 @@ class ReadyWatch:
         self._start(max(0, log_size(self._plan.paths.console_log) - ADOPTED_LOOKBACK))
 
     def gone(self) -> None:
+        self._close()
         self._search = None
         self._status.ready_at = None
 
@@ -80,10 +98,16 @@ class ReadyWatch:
             task.cancel()
             await asyncio.wait({task})
 
-    async def _follow(self, search: ConsoleReadiness) -> None:
+    async def _follow(self, search: ReadySource) -> None:
         while True:
             self._lost.clear()
-            line = await search.matched()
+            try:
+                line = await search.matched()
+            except (OSError, AgentError) as error:
+                # Asked again at the guest's next reset, not on a timer.
+                self._log.warning("vm_agent_unreachable", error=str(error))
+                await self._lost.wait()
+                continue
             self._status.ready_at = time.time()
             started = self._status.started_at or self._status.ready_at
             self._log.info("vm_ready", line=line[:200],

@@ -13,7 +13,7 @@ from qlink.errors import ConfigError
 from qlink.runtime.console_ready import ConsoleReadiness
 from qlink.topology import parse_topology_text
 from tests.fakes import FakeRuntime
-from tests.test_daemon_core import DEADLINE, serving, up
+from tests.test_daemon_core import DEADLINE, carrier_set, ends, serving, up
 
 READY_LAB = """\
 name: r
@@ -79,7 +79,9 @@ async def test_nodes_turn_ready_lose_it_on_a_guest_reset_and_wait_answers(
             "a": False, "b": False, "c": True,
         }  # fmt: skip
         not_ready = await daemon.wait_ready(["r/a"], timeout=0.2)
-        assert not_ready == {"r/a": "running, but no console line matched 'login: *$' yet"}
+        assert not_ready == {
+            "r/a": "running, but still waiting for a console line to match 'login: *$'"
+        }
 
         lab, supervisor = daemon.labs.find_node("r/a")
         console = supervisor.plan.paths.console_log
@@ -104,6 +106,51 @@ async def test_nodes_turn_ready_lose_it_on_a_guest_reset_and_wait_answers(
 
         # Every node, none named: b never says its line.
         assert await daemon.wait_ready([], timeout=0.2) == {
-            "r/b": "running, but no console line matched 'qlink-ready name=b' yet"
+            "r/b": "running, but still waiting for a console line to match 'qlink-ready name=b'"
         }
         del lab
+
+
+FOLLOWS_READY_LAB = """\
+name: f
+carrier_follows_peer: ready
+defaults: {kernel: /k}
+nodes:
+  a: {ready: {console: "login: *$"}}
+  b: {}
+links:
+  - [a:eth1, b:eth1]
+"""
+
+
+async def test_with_carrier_following_readiness_a_guest_reset_takes_the_peer_down_until_ready(
+    tmp_path: Path,
+) -> None:
+    """`carrier_follows_peer: ready`: b's port is down while a boots, up once a is ready,
+    down at a's own reboot (same QEMU) and up again when a says so once more."""
+    runtime = FakeRuntime()
+    async with serving(tmp_path, runtime) as daemon:
+        with daemon.subscribe() as events:
+            await up(daemon, FOLLOWS_READY_LAB)
+            await carrier_set(events, "b", up=False)
+        assert ends(daemon)["b:eth1"] == "down (a not ready)"
+        assert ends(daemon)["a:eth1"] == "up"  # b has no `ready:`: ready when it runs
+
+        _, supervisor = daemon.labs.find_node("f/a")
+        console = supervisor.plan.paths.console_log
+        with daemon.subscribe() as events:
+            with console.open("a") as log:
+                log.write("a login: ")
+            await carrier_set(events, "b", up=True)
+
+        pid = supervisor.status.pid
+        assert pid is not None
+        monitor = runtime.monitors[[p.pid for p in runtime.processes].index(pid)]
+        with daemon.subscribe() as events:
+            monitor.inject("RESET", guest=True)
+            await carrier_set(events, "b", up=False)
+            assert supervisor.status.pid == pid
+            with console.open("a") as log:
+                log.write("\nrebooting...\na login: ")
+            await carrier_set(events, "b", up=True)
+        assert ends(daemon)["b:eth1"] == "up"

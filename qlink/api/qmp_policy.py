@@ -95,11 +95,16 @@ _OWNED_IDS: tuple[tuple[str, str, re.Pattern[str], str], ...] = (
     (
         "device_del",
         "id",
-        re.compile(r"nic-.+|qlink-br\d+|disk0|seed-disk"),
-        "a NIC, bridge or disk of qlink",
+        re.compile(r"nic-.+|qlink-br\d+|disk0|seed-disk|qlink-agent-serial"),
+        "a NIC, bridge, disk or guest agent channel of qlink",
     ),
     ("netdev_del", "id", re.compile(r"net-.+|mgmt"), "the backend of a NIC of qlink"),
-    ("chardev-remove", "id", re.compile(r"qmp|console"), "qlink's QMP monitor or serial console"),
+    (
+        "chardev-remove",
+        "id",
+        re.compile(r"qmp|console|qlink-agent"),
+        "qlink's QMP monitor, serial console or guest agent channel",
+    ),
     ("object-del", "id", re.compile(r"qlink-capture-\d+"), "the filter of a running capture"),
     ("blockdev-del", "node-name", re.compile(r"disk0"), "the node's boot disk"),
 )

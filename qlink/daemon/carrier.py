@@ -1,11 +1,12 @@
 """Carrier: one owner per lab, one task, fed by node-state changes and cable cuts.
 
 A link end has carrier when its cable is not cut and, if the lab says so
-(`carrier_follows_peer`), its peer runs. The keeper sets it with QMP `set_link` on the
-netdev (the guest sees the link go down, and no frame passes), always through the VM's own
-supervisor, and records what QEMU acknowledged, per QEMU process (PID): that, not what qlink
-intends, is what `links` shows. A QEMU that qlinkd started has every link up; an adopted one
-(which an earlier qlinkd may have cut) is unknown until set.
+(`carrier_follows_peer`), its peer runs (`true`) or its peer is ready (`ready`: a guest's
+own reboot takes its peers' ports down until it is ready again). The keeper sets it with
+QMP `set_link` on the netdev (the guest sees the link go down, and no frame passes), always
+through the VM's own supervisor, and records what QEMU acknowledged, per QEMU process (PID):
+that, not what qlink intends, is what `links` shows. A QEMU that qlinkd started has every
+link up; an adopted one (which an earlier qlinkd may have cut) is unknown until set.
 
 The task never dies of an error: a failed pass is logged and tried again, with backoff, so a
 bug here can cost a cable its carrier for a while, never the daemon its labs.
@@ -50,6 +51,7 @@ class CarrierKeeper:
         self._events = events
         self._applied: dict[tuple[str, str], Applied] = {}
         self._launching: set[str] = set()
+        self._ready: dict[str, bool] = {}
         self._dirty: set[str] = set()
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
@@ -68,7 +70,9 @@ class CarrierKeeper:
             for nic in self._lab.plan.nodes[node].nics if node in self._lab.plan.nodes else ():
                 self._applied[(node, nic.interface)] = Applied(status.pid, True, "up")
         self._launching.discard(node)
-        if status.state in MOVES_CARRIER:
+        ready, self._ready[node] = self._ready.get(node), status.ready_at is not None
+        readiness_moved = ready != self._ready[node] and self._lab.carrier_depends_on_readiness()
+        if status.state in MOVES_CARRIER or readiness_moved:
             self.request(node)
 
     def request(self, *nodes: str) -> asyncio.Future[None]:

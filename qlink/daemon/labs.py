@@ -43,9 +43,15 @@ class LabRuntime:
         peer = link.peer_of(node, interface)
         supervisor = self.supervisors.get(peer.node)
         peer_live = supervisor is not None and supervisor.status.state in GIVES_PEERS_CARRIER
-        if self.record.lab.carrier_follows_peer and not peer_live:
+        follows = self.record.lab.carrier_follows_peer
+        if follows and not peer_live:
             return False, f"down ({peer.node} not running)"
+        if follows == "ready" and supervisor is not None and not _ready_or_unwatched(supervisor):
+            return False, f"down ({peer.node} not ready)"
         return True, "up"
+
+    def carrier_depends_on_readiness(self) -> bool:
+        return self.record.lab.carrier_follows_peer == "ready"
 
     def running_nodes(self) -> dict[str, RunningNode]:
         return {
@@ -102,3 +108,9 @@ class Labs:
         if lab.record.lab.link_of(supervisor.name, interface) is None:
             raise NotFound(f"{supervisor.name} has no interface {interface!r}")
         return lab, supervisor, interface
+
+
+def _ready_or_unwatched(supervisor: VmSupervisor) -> bool:
+    """A node without a `ready:` source counts as ready once it runs: nothing else would
+    ever give its peers carrier."""
+    return supervisor.plan.node.ready is None or supervisor.status.ready_at is not None

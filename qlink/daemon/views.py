@@ -71,6 +71,6 @@ def is_ready(supervisor: VmSupervisor) -> bool:
 def not_ready_because(supervisor: VmSupervisor) -> str:
     status, ready = supervisor.status, supervisor.plan.node.ready
     if status.state in SERVES_QMP and ready is not None:
-        return f"running, but no console line matched {ready.console!r} yet"
+        return f"running, but still waiting for {ready.source}"
     cause = f": {status.last_error.splitlines()[0]}" if status.last_error else ""
     return f"{status.state.value}{cause}"

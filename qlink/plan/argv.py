@@ -85,26 +85,32 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
             argv += ["-initrd", node.initrd]
         if node.append is not None:
             argv += ["-append", node.append]
-    else:
-        # With a seed, the seed shares the disk's slot as its function 1: the disk's slot
-        # becomes multifunction (only then, so that nothing else of a node changes).
-        shared = {"multifunction": True} if plan.seed is not None else {}
+    slot = disk_slot_places(plan)
+    if "disk" in slot:
         argv += [
             "-blockdev", qemu_opts(driver="qcow2", **{"node-name": "disk0", "file.driver": "file",
                                    "file.filename": str(paths.overlay)}),
             "-device", qemu_opts("virtio-blk-pci", drive="disk0", id="disk0", bus=ROOT_BUS,
-                                 addr=f"{DISK_SLOT:#x}", bootindex=0, **shared),
+                                 addr=slot["disk"].pop("addr"), bootindex=0, **slot["disk"]),
         ]  # fmt: skip
-    if plan.seed is not None:
+    if "seed" in slot:
         # The NoCloud volume, read-only, as virtio-blk: the disk controller every cloud image
-        # drives (Debian's cloud kernel has no AHCI, so an ide-cd stays invisible to it). It
-        # sits in the disk's slot, so the NIC layout is the same with day-0 settings or not.
-        seed_addr = f"{DISK_SLOT:#x}.0x1" if node.image is not None else f"{DISK_SLOT:#x}"
+        # drives (Debian's cloud kernel has no AHCI, so an ide-cd stays invisible to it).
         argv += [
             "-drive", qemu_opts(**{"if": "none"}, id="seed", file=str(paths.seed), format="raw",
                                 readonly=True),
             "-device", qemu_opts("virtio-blk-pci", drive="seed", id="seed-disk", bus=ROOT_BUS,
-                                 addr=seed_addr),
+                                 **slot["seed"]),
+        ]  # fmt: skip
+    if "agent" in slot:
+        # The guest agent's channel, by the name qemu-guest-agent's udev rule starts it on.
+        argv += [
+            "-chardev", qemu_opts("socket", id="qlink-agent", path=str(paths.agent_socket),
+                                  server=True, wait=False),
+            "-device", qemu_opts("virtio-serial-pci", id="qlink-agent-serial", bus=ROOT_BUS,
+                                 **slot["agent"]),
+            "-device", qemu_opts("virtserialport", bus="qlink-agent-serial.0",
+                                 chardev="qlink-agent", name="org.qemu.guest_agent.0"),
         ]  # fmt: skip
     if plan.mgmt is not None:
         mgmt = plan.mgmt
@@ -133,6 +139,30 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
         ]  # fmt: skip
     argv += node.extra_args
     return argv
+
+
+def disk_slot_places(plan: NodePlan) -> dict[str, dict[str, OptionValue]]:
+    """Where the boot disk, the day-0 seed and the guest agent's channel sit: functions of the
+    disk's slot, in that order, so that the NIC layout is the same whichever a node has, and
+    adding one never moves another. The slot is multifunction only when it holds more than
+    one (so that nothing else of a node without them changes)."""
+    node = plan.node
+    present = [
+        name
+        for name, wanted in (
+            ("disk", node.kernel is None),
+            ("seed", plan.seed is not None),
+            ("agent", node.ready is not None and node.ready.agent),
+        )
+        if wanted
+    ]
+    places: dict[str, dict[str, OptionValue]] = {}
+    for function, name in enumerate(present):
+        address = f"{DISK_SLOT:#x}" if function == 0 else f"{DISK_SLOT:#x}.{function:#x}"
+        places[name] = {"addr": address}
+    if len(present) > 1:
+        places[present[0]]["multifunction"] = True
+    return places
 
 
 def nic_netdev_options(nic: NicPlan) -> dict[str, OptionValue]:

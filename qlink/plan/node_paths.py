@@ -23,10 +23,12 @@ class NodePaths:
     """The qcow2 overlay a node booting an `image` runs on; the image itself stays untouched."""
     seed: Path
     """The node's day-0 NoCloud volume (`cidata`), when its file gives day-0 settings."""
+    agent_socket: Path
+    """The guest agent's channel, when the node is `ready: {agent: true}`."""
 
     def too_long_sockets(self) -> list[Path]:
         return [
             path
-            for path in (self.qmp_socket, self.console_socket)
+            for path in (self.qmp_socket, self.console_socket, self.agent_socket)
             if len(str(path).encode()) > MAX_SOCKET_PATH
         ]

@@ -90,6 +90,7 @@ class Layout:
             qemu_log=state / "qemu.log",
             overlay=state / "disk.qcow2",
             seed=state / "seed.iso",
+            agent_socket=run / "agent.sock",
         )
 
 
