@@ -7,14 +7,16 @@ PYTHON ?= $(VENV)/bin/python
 setup:
 	./scripts/setup
 
-# The whole suite: pure tests, linters, real QEMU (-S) and real guests under TCG; the FRR lab
-# on the Debian image (about 4 min) is `make test-frr`.
+# The whole suite: pure tests, linters, real QEMU (-S), real guests under TCG, the FRR lab on
+# the Debian image and qlinkd under systemd in a container.
 test:
-	$(PYTHON) -m pytest -q -m "not frr"
+	$(PYTHON) -m pytest -q
 
+# The FRR lab alone (5-10 min on 2 cores): up, BGP, a spine restart, a reboot inside a spine,
+# a day-0 change to a leaf.
 test-frr:
 	guest/build-image
-	$(PYTHON) -m pytest -q -m frr
+	$(PYTHON) -m pytest -q -s -m frr
 
 # Pure tier and linters only: seconds, no QEMU.
 test-fast:

@@ -4,7 +4,9 @@ NICs to the file's names by MAC and writes frr.conf (eBGP unnumbered, each leaf 
 its loopback, ECMP over both spines). Checked from inside the guests over `qlinkctl ssh`:
 every BGP session Established, leaf loopback to leaf loopback with two next hops, LLDP
 neighbours as cabled, renames done before FRR started, and a spine restart that leaves the
-other three QEMUs alone while the leaves keep forwarding over the other spine."""
+other three QEMUs alone while the leaves keep forwarding over the other spine, a reboot typed
+inside spine1 (same QEMU: readiness and the leaves' carrier go and come back), and a day-0
+change to one leaf, which restarts that leaf alone."""
 
 from __future__ import annotations
 
@@ -21,8 +23,6 @@ import pytest
 
 from tests.conftest import Qlinkd, qemu_pid_of, require
 
-# `make test-frr`: not in `make test` (CI) until its one convergence failure (spine1:swp1 Idle
-# for 180 s, once in four runs, before RAs were added to day 0) is understood.
 pytestmark = [pytest.mark.guest, pytest.mark.frr]
 
 StartDaemon = Callable[..., Qlinkd]
@@ -150,6 +150,24 @@ def renames_before_frr(daemon: Qlinkd, node: str) -> None:
     assert sorted(link for link in links if link.startswith("swp")) == sorted(ports_of(node))
 
 
+def start_ping(daemon: Qlinkd, log: str) -> None:
+    """leaf1 pings leaf2's loopback every 0.1 s in the background (ssh returns at once); once
+    its first reply is in, the measurement has begun."""
+    ssh(daemon, "leaf1", f"nohup ping -q -i 0.1 -W 1 -I 10.0.0.11 10.0.0.12 </dev/null"
+        f" >{log} 2>&1 &")  # fmt: skip
+    ssh(daemon, "leaf1", "ping -c 1 -W 5 -I 10.0.0.11 10.0.0.12")
+
+
+def stop_ping(daemon: Qlinkd, log: str) -> tuple[int, int]:
+    """SIGINT makes ping print its summary: (transmitted, received)."""
+    return ping_loss(ssh(daemon, "leaf1", f"kill -INT $(pidof ping); sleep 1; cat {log}"))
+
+
+def loss_text(sent: int, received: int) -> str:
+    return f"{sent - received} of {sent} lost ({100 * (sent - received) / sent:.1f} %, " \
+        f"{(sent - received) / 10:.1f} s of 0.1 s pings)"  # fmt: skip
+
+
 def ping_loss(output: str) -> tuple[int, int]:
     """(transmitted, received) from ping's summary."""
     match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
@@ -193,32 +211,103 @@ def test_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
     lldp_seconds = until("LLDP neighbours as cabled", lambda: lldp_mismatch(daemon), 90)
     figures["LLDP as cabled after BGP"] = f"{lldp_seconds:.1f} s"
 
-    # Restart spine1 while leaf1 pings leaf2's loopback every 0.1 s, from before spine1 goes
-    # down until its sessions are back: the other QEMUs keep their PIDs, the leaves fall back
-    # to spine2 and take spine1 back. The ping runs in the guest (ssh returns at once) and is
-    # stopped with SIGINT, which makes it print its summary.
-    others = {node: qemu_pid_of(short_root, LAB, node) for node in NODES if node != "spine1"}
-    ssh(daemon, "leaf1", "nohup ping -q -i 0.1 -W 1 -I 10.0.0.11 10.0.0.12"
-        " </dev/null >/tmp/ping.log 2>&1 &")  # fmt: skip
-    time.sleep(3)
-    restart_started = time.monotonic()
-    daemon.ctl_ok("restart", "spine1", timeout=120)
-    assert {node: qemu_pid_of(short_root, LAB, node) for node in others} == others
-    daemon.ctl_ok("wait", "spine1", "--timeout", str(UP_TIMEOUT))
-    back = until("spine1's sessions back", lambda: all_established(daemon), CONVERGE_TIMEOUT)
-    figures["spine1 restart to Established"] = f"{time.monotonic() - restart_started:.1f} s"
-    figures["sessions after spine1 ready"] = f"{back:.1f} s"
-    until("ECMP over both spines again", lambda: two_next_hops(daemon), 60)
-    time.sleep(3)
-    ping_output = ssh(daemon, "leaf1", "kill -INT $(pidof ping); sleep 1; cat /tmp/ping.log")
-    sent, received = ping_loss(ping_output)
-    figures["ping during spine1 restart"] = (
-        f"{sent - received} of {sent} lost ({100 * (sent - received) / sent:.1f} %)"
-    )
-    assert {node: qemu_pid_of(short_root, LAB, node) for node in others} == others
-    assert sent > 300, ping_output  # 30 s and more: spine1 went down and came back meanwhile
-    assert sent - received < sent / 4, ping_output
+    figures.update(restart_spine1(daemon, short_root))
+    figures.update(reboot_inside_spine1(daemon, short_root))
+    figures.update(day_zero_change_to_leaf2(daemon, short_root, config))
 
     daemon.ctl_ok("down", LAB, timeout=180)
     figures["test"] = f"{time.monotonic() - test_started:.1f} s"
     print("\n" + "\n".join(f"FIGURE {name}: {value}" for name, value in figures.items()))
+
+
+def pids(root: Path) -> dict[str, int]:
+    return {node: qemu_pid_of(root, LAB, node) for node in NODES}
+
+
+def restart_spine1(daemon: Qlinkd, root: Path) -> dict[str, str]:
+    """`qlinkctl restart spine1` while leaf1 pings leaf2's loopback, from before spine1 goes
+    down until its sessions are back: the other QEMUs keep their PIDs, the leaves fall back to
+    spine2 (their swp51 loses carrier the moment spine1 stops) and take spine1 back."""
+    before = pids(root)
+    start_ping(daemon, "/tmp/ping-restart.log")
+    restart_started = time.monotonic()
+    daemon.ctl_ok("restart", "spine1", timeout=120)
+    daemon.ctl_ok("wait", "spine1", "--timeout", str(UP_TIMEOUT))
+    back = until("spine1's sessions back", lambda: all_established(daemon), CONVERGE_TIMEOUT)
+    until("ECMP over both spines again", lambda: two_next_hops(daemon), 60)
+    sent, received = stop_ping(daemon, "/tmp/ping-restart.log")
+    after = pids(root)
+    assert after["spine1"] != before["spine1"]
+    assert {n: p for n, p in after.items() if n != "spine1"} == {
+        n: p for n, p in before.items() if n != "spine1"
+    }
+    assert sent > 300  # 30 s and more: spine1 went down and came back meanwhile
+    assert sent - received < sent / 4
+    return {
+        "spine1 restart to Established": f"{time.monotonic() - restart_started:.1f} s",
+        "sessions after spine1 ready (restart)": f"{back:.1f} s",
+        "ping during spine1 restart": loss_text(sent, received),
+    }
+
+
+def reboot_inside_spine1(daemon: Qlinkd, root: Path) -> dict[str, str]:
+    """`systemctl reboot` typed inside spine1: its QEMU stays (same PID), it is not ready and
+    its peers lose carrier from the guest's reset until it is ready again (the lab's
+    `carrier_follows_peer: ready`), and its sessions come back."""
+    before = pids(root)
+    start_ping(daemon, "/tmp/ping-reboot.log")
+    with daemon.events() as events:
+        # ssh may lose its connection as the guest goes down: any exit status will do
+        daemon.ctl("ssh", "spine1", "--", "systemctl reboot", timeout=60)
+        reset = events.until(
+            lambda e: e["event"] == "node_state" and e["node"] == "spine1" and not e["ready"], 180
+        )
+        reset_at = time.monotonic()
+        events.until(
+            lambda e: e["event"] == "carrier" and e["node"] == "leaf1" and e["interface"] ==
+            "swp51" and not e["up"], 30,
+        )  # fmt: skip
+        ready = events.until(
+            lambda e: e["event"] == "node_state" and e["node"] == "spine1" and e["ready"],
+            UP_TIMEOUT,
+        )
+        ready_at = time.monotonic()
+        events.until(
+            lambda e: e["event"] == "carrier" and e["node"] == "leaf1" and e["interface"] ==
+            "swp51" and e["up"], 30,
+        )  # fmt: skip
+    assert reset["pid"] == ready["pid"] == before["spine1"]
+    back = until("spine1's sessions back", lambda: all_established(daemon), CONVERGE_TIMEOUT)
+    until("ECMP over both spines again", lambda: two_next_hops(daemon), 60)
+    sent, received = stop_ping(daemon, "/tmp/ping-reboot.log")
+    assert pids(root) == before
+    assert sent - received < sent / 4
+    return {
+        "spine1 reboot inside: reset to ready": f"{ready_at - reset_at:.1f} s",
+        "sessions after spine1 ready (reboot)": f"{back:.1f} s",
+        "ping during spine1's own reboot": loss_text(sent, received),
+    }
+
+
+def day_zero_change_to_leaf2(daemon: Qlinkd, root: Path, config: Path) -> dict[str, str]:
+    """leaf2 moves to AS 65103 in the file: `up --dry-run` names leaf2 alone, `up` restarts
+    it alone, and it comes back with its new day-0 configuration."""
+    before = pids(root)
+    text = config.read_text()
+    assert "asn: 65102" in text
+    config.write_text(text.replace("asn: 65102", "asn: 65103"))
+    plan = daemon.ctl_ok("up", str(config), "--dry-run")
+    assert "restart leaf2: day-0 config changed" in plan, plan
+    assert not any(node in plan for node in NODES if node != "leaf2"), plan
+    started = time.monotonic()
+    daemon.ctl_ok("up", str(config), "--wait", "--timeout", str(UP_TIMEOUT),
+                  timeout=UP_TIMEOUT + 60)  # fmt: skip
+    after = pids(root)
+    assert after["leaf2"] != before["leaf2"]
+    assert {n: p for n, p in after.items() if n != "leaf2"} == {
+        n: p for n, p in before.items() if n != "leaf2"
+    }
+    until("leaf2's sessions back", lambda: all_established(daemon), CONVERGE_TIMEOUT)
+    summary = ssh_json(daemon, "leaf2", "vtysh -c 'show bgp summary json'")
+    assert summary["ipv4Unicast"]["as"] == 65103, summary["ipv4Unicast"]
+    return {"day-0 change to leaf2: up to Established": f"{time.monotonic() - started:.1f} s"}

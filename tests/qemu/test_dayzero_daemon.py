@@ -66,3 +66,44 @@ def test_each_node_boots_with_its_seed_and_a_change_restarts_only_it(
     assert after["d0/a"] == before["d0/a"]
     assert after["d0/b"] != before["d0/b"]
     assert "content: second" in (read_seed(seeds["b"]) or pytest.fail("no seed")).user_data
+
+
+BAD_DAY_ZERO = {
+    # user-data that is not YAML: the field, then the file and the line in it
+    "bad-user-data": (
+        "cloud_init: user-data.cfg",
+        {"user-data.cfg": "#cloud-config\nhostname: [unclosed\n"},
+        "lab.yaml:7: nodes.a.cloud_init: ",
+    ),
+    "missing-file": ("cloud_init: nowhere.cfg", {}, "lab.yaml:7: nodes.a.cloud_init"),
+    "bad-ready": ("ready: {console: 'login(:'}", {}, "lab.yaml:7: nodes.a.ready.console"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DAY_ZERO))
+def test_bad_day_zero_input_is_exit_2_located_and_starts_nothing(
+    qlinkd: Callable[..., Qlinkd], short_root: Path, guest_files: GuestFiles, case: str
+) -> None:
+    field, files, located = BAD_DAY_ZERO[case]
+    for name, text in files.items():
+        (short_root / name).write_text(text)
+    daemon = qlinkd(*FAST)
+    lab = write_lab(
+        short_root,
+        f"""\
+        name: bad
+        defaults: {{memory: 64, accel: tcg, kernel: {guest_files.kernel}, extra_args: [-S]}}
+        nodes:
+          b: {{}}
+          a:
+            # the bad field
+            {field}
+        """,
+    )
+    result = daemon.ctl("up", str(lab))
+    assert result.returncode == 2, result
+    assert located in result.stderr, result.stderr
+    if case == "bad-user-data":
+        assert "user-data.cfg: not valid YAML at line 3" in result.stderr
+    assert daemon.status() == {}
+    assert not (short_root / "lib/labs/bad/nodes/b/seed.iso").exists()
