@@ -154,7 +154,7 @@ RATE_PROBE = textwrap.dedent(
     tx.bind((source, sender))
     tx.connect(("127.0.0.1", receiver))
     rx.settimeout(0.3)
-    stop = time.monotonic() + 1.5
+    stop = time.monotonic() + 1.0
     def send():
         while time.monotonic() < stop:
             try:
