@@ -356,6 +356,26 @@ async def test_a_refusal_by_tc_starts_nothing_and_records_nothing(tmp_path: Path
         await stop(task)
 
 
+async def test_tc_runs_only_for_a_change(tmp_path: Path) -> None:
+    """Once a lab's impairment is applied, neither `up` of its unchanged file nor of another
+    lab without impairment asks tc anything, so a tc that fails meanwhile refuses neither."""
+    traffic = FakeTrafficControl()
+    daemon = new_daemon(tmp_path, traffic)
+    task = await serve(daemon)
+    try:
+        await up(daemon, PAIR)
+        traffic.refuse = TcError("tc is broken now")
+        assert (await up(daemon, PAIR))["failed"] == {}
+        plain = "name: plain\ndefaults: {kernel: /k}\nnodes: {a: {}, b: {}}\n"
+        assert (await up(daemon, plain + "links: [[a:eth1, b:eth1]]\n"))["failed"] == {}
+        assert len(traffic.applied) == 1
+        with pytest.raises(TcError, match="broken"):
+            await daemon.set_impair("a:eth1", "both", {"rate": "1mbit"})
+        assert daemon.links()[-1]["impair"] is None  # refused: nothing recorded
+    finally:
+        await stop(task)
+
+
 async def test_a_lab_without_impairment_never_runs_tc(tmp_path: Path) -> None:
     traffic = FakeTrafficControl()
     daemon = new_daemon(tmp_path, traffic)

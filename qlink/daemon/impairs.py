@@ -11,7 +11,9 @@ matched by its port, which a restarted VM binds again.
 Ownership is strict: qlink touches only its own root qdisc (htb 716c:) and, under it, only
 the ports of this root. Those are kept in a ledger (`impair.json` under the root), written
 before tc runs and trimmed after: a qlinkd killed in between leaves ports in the ledger, and
-the next qlinkd removes whatever of them no lab wants. A lab with no impairment never runs tc.
+the next qlinkd removes whatever of them no lab wants. tc runs only when what is wanted
+differs from what this qlinkd applied (so at its start whenever a lab is impaired): a lab with
+no impairment never runs it.
 """
 
 from __future__ import annotations
@@ -223,10 +225,12 @@ class ImpairKeeper:
         async with self._lock:
             wanted = compute()
             ledger = self._ledger()
-            if not wanted and not ledger and not self._applied:
+            if wanted == self._applied and ledger <= set(wanted):
+                # Nothing to change (a lab without `impair:` never gets here with any): no
+                # tc at all, so a tc that fails now cannot refuse an `up` that changes none.
                 if commit is not None:
                     commit()
-                return  # nothing of this root's on lo, nor wanted: no tc at all
+                return
             owned = ledger | set(wanted) | set(self._applied)
             self._write_ledger(owned)  # first: a crash during tc leaves them known
             try:
