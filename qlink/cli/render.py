@@ -130,9 +130,11 @@ def impair_text(link: dict[str, Any]) -> str:
         return " ".join(f"{name}={value}" for name, value in (settings or {}).items()) or "-"
 
     a_to_b, b_to_a = impair.get("a_to_b"), impair.get("b_to_a")
+    failed = " (NOT APPLIED: see qlinkd's log)" if link.get("impair_error") else ""
     if a_to_b == b_to_a:
-        return one(a_to_b)
-    return f"{link['a']['endpoint']}> {one(a_to_b)}; {link['b']['endpoint']}> {one(b_to_a)}"
+        return one(a_to_b) + failed
+    a, b = link["a"]["endpoint"], link["b"]["endpoint"]
+    return f"{a}> {one(a_to_b)}; {b}> {one(b_to_a)}{failed}"
 
 
 def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:

@@ -398,7 +398,12 @@ class Daemon:
         return status_rows(self.labs, self.host)
 
     def links(self) -> list[dict[str, Any]]:
-        return link_rows(self.labs)
+        rows = link_rows(self.labs)
+        if self.impairs.error is not None:  # the kernel may not have what `impair` says
+            for row in rows:
+                if row["impair"] is not None:
+                    row["impair_error"] = self.impairs.error
+        return rows
 
     def subscribe(self) -> contextlib.AbstractContextManager[Subscription]:
         return self.events.subscribe()

@@ -252,5 +252,6 @@ class ImpairKeeper:
             await self._control.apply(self._applied, owned)
         except QlinkError as error:
             log.error("impairment_not_restored", error=str(error))
-        else:
+        else:  # lo holds what was applied before again, which is what `links` shows
+            self.error = None
             self._write_ledger(set(self._applied))
