@@ -317,6 +317,14 @@ async def test_the_keeper_applies_keeps_reapplies_and_removes(tmp_path: Path) ->
         assert len(traffic.current) == 5  # r1:eth3's two directions too
         ledger = json.loads((tmp_path / "lib" / "impair.json").read_text())
         assert ledger == sorted(traffic.current)
+        # `up` of the same file keeps the live settings; of a file that edits a link's
+        # `impair:`, that link's live setting gives way to the file's.
+        await up(daemon, PAIR)
+        assert traffic.current[21002].netem == n(rate="1mbit")
+        await up(daemon, PAIR.replace("loss: 1%}", "loss: 2%}"))
+        assert traffic.current[21002].netem == n(delay="20ms", jitter="5ms",
+                                                  distribution="normal", loss="2%")  # fmt: skip
+        await daemon.set_impair("r2:eth1", "out", {"rate": "1mbit"})
         with pytest.raises(NotFound):
             await daemon.set_impair("r1:eth9", "both", {"delay": "5ms"})
         with pytest.raises(Invalid, match="--delay"):
