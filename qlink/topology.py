@@ -32,6 +32,7 @@ from pydantic import (
 
 from qlink.errors import ConfigError, ConfigIssue
 from qlink.guestspec import DayZero, Readiness, day_zero_of
+from qlink.impairment import LinkImpairment
 from qlink.limits import HostResources, beyond_host, beyond_qemu
 from qlink.screen import screen_extra_args
 from qlink.sourcefile import check_text, read_topology_text
@@ -188,6 +189,9 @@ class Link(_Strict):
 
     endpoints: tuple[Endpoint, Endpoint]
     ports: tuple[UdpPort, UdpPort] | None = None
+    impair: LinkImpairment | None = Field(
+        default=None, description="delay, loss, rate...: both directions, or a_to_b / b_to_a"
+    )
 
     @property
     def key(self) -> str:

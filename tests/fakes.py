@@ -1,6 +1,7 @@
 """Fakes of the runtime a supervisor drives (`qlink.runtime.handles`): processes whose exit a
 test triggers, monitors that answer, hang or refuse on demand, and a runtime that launches
-them from a script. Used by the supervisor's and the daemon's pure tests."""
+them from a script; and tc, as the daemon's impairment keeper drives it. Used by the
+supervisor's and the daemon's pure tests."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ import itertools
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
 from qlink.errors import LaunchError, VmError
 from qlink.plan.lab import NodePlan
+from qlink.plan.qdisc import Shaped
 from qlink.runtime.handles import MonitorHandle, ProcessHandle
+from qlink.runtime.impair import TcError, TrafficControl
 from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
 
 
@@ -237,3 +241,23 @@ class FakeRuntime:
             return StopStep.SIGKILL
         process.crash(0)
         return StopStep.POWERDOWN if graceful else StopStep.QUIT
+
+
+class FakeTrafficControl(TrafficControl):
+    """Records what the daemon asks of tc (`apply(wanted, owned)`) and holds the wanted
+    state as `lo` would; `refuse` makes the next applies fail as tc would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.applied: list[tuple[dict[int, Shaped], set[int]]] = []
+        self.current: dict[int, Shaped] = {}
+        self.refuse: TcError | None = None
+
+    async def apply(self, wanted: Mapping[int, Shaped], owned: AbstractSet[int]) -> list[str]:
+        self.applied.append((dict(wanted), set(owned)))
+        if self.refuse is not None:
+            raise self.refuse
+        for port in owned:
+            self.current.pop(port, None)
+        self.current.update(wanted)
+        return [f"port {port}" for port in sorted(wanted)]

@@ -138,6 +138,11 @@ LAB_BODY = BodySpec(
     f"a topology file may be at most {MAX_TOPOLOGY_BYTES} bytes "
     f"({MAX_TOPOLOGY_BYTES // (1024 * 1024)} MiB)",
 )  # fmt: skip
+IMPAIR_BODY = BodySpec(
+    '{"direction": "out"|"in"|"both", "settings": {"delay": "20ms", ...}, "clear": BOOL}',
+    {"direction": str, "settings": dict, "clear": bool}, set(), 64 * 1024,
+    "a link's impairment is a handful of short values",
+)  # fmt: skip
 QMP_BODY = BodySpec(
     '{"execute": COMMAND, "arguments": {...}}', {"execute": str, "arguments": dict},
     {"execute"}, QMP_BODY_LIMIT, "QEMU would parse a larger command with the VM's QMP on hold",
@@ -383,6 +388,17 @@ def _node_routes(routes: web.RouteTableDef, daemon: Daemon, peer_uid: peer.PeerU
     async def link_state(request: web.Request) -> web.StreamResponse:
         row = await daemon.set_link(
             request.match_info["endpoint"], request.match_info["state"] == "up"
+        )
+        return web.json_response(row)
+
+    @routes.post(API + "/links/{endpoint:.+}/impair")
+    async def link_impair(request: web.Request) -> web.StreamResponse:
+        body = await read_body(request, IMPAIR_BODY)
+        if body.get("clear") and body.get("settings"):
+            raise Invalid("give settings or clear, not both")
+        settings = None if body.get("clear") else body.get("settings", {})
+        row = await daemon.set_impair(
+            request.match_info["endpoint"], body.get("direction", "both"), settings
         )
         return web.json_response(row)
 

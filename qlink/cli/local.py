@@ -71,6 +71,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from qlink.plan.argv import build_argv
     from qlink.plan.lab import plan_lab
+    from qlink.plan.qdisc import lab_shaping
     from qlink.plan.render import lab_document, node_document
     from qlink.state import load_allocations
     from qlink.topology import load_topology
@@ -88,6 +89,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
         print(json.dumps(document, indent=2))
         return EXIT_OK
+    shaping = lab_shaping(plan, {link.key: link.impair for link in lab.links if link.impair})
     names = [args.node] if args.node else list(plan.nodes)
     for index, name in enumerate(names):
         if len(names) > 1:
@@ -99,6 +101,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             print(
                 f"# fd {nic.fd}: UDP {local} connected to {remote} ({nic.interface} to {nic.peer})"
             )
+            if (shaped := shaping.get(nic.local_port)) is not None:
+                # Impairment is no QEMU option: qlinkd's tc class on lo for what this sends.
+                impaired = f"{shaped.netem.text()} (tc class {shaped.classid})"
+                print(f"#   impaired as it sends: {impaired}")
         print(argv_lines(build_argv(plan.nodes[name], host)))
     return EXIT_OK
 

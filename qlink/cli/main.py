@@ -28,6 +28,7 @@ from qlink.cli.local import cmd_graph, cmd_host, cmd_plan, cmd_validate
 from qlink.cli.render import (
     carrier_text,
     event_line,
+    impair_text,
     json_rows,
     print_status,
     progress_line,
@@ -140,13 +141,14 @@ def cmd_links(args: argparse.Namespace) -> int:
     rows = [
         [link["lab"], link["a"]["endpoint"], str(link["a"]["port"]), link["a"]["mac"],
          link["b"]["endpoint"], str(link["b"]["port"]), link["b"]["mac"], link["admin"],
-         carrier_text(link)]
+         carrier_text(link), impair_text(link)]
         for link in links
     ]  # fmt: skip
     if not rows:
         print("no labs are up")
         return EXIT_OK
-    headers = ["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC", "ADMIN", "CARRIER"]
+    headers = ["LAB", "A", "A PORT", "A MAC", "B", "B PORT", "B MAC", "ADMIN", "CARRIER",
+               "IMPAIR"]  # fmt: skip
     print(table(headers, rows))
     return EXIT_OK
 
@@ -285,9 +287,26 @@ def cmd_events(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+IMPAIR_FLAGS = ("delay", "jitter", "distribution", "loss", "loss_correlation", "burst",
+                "duplicate", "reorder", "corrupt", "rate")  # fmt: skip
+
+
 def cmd_link(args: argparse.Namespace) -> int:
-    row = client_for(args).post(f"/links/{args.endpoint}/{args.state}")
-    print(f"{row['link']}: admin {row['admin']}, carrier {carrier_text(row)}")
+    given = {name: getattr(args, name) for name in IMPAIR_FLAGS}
+    settings = {name: value for name, value in given.items() if value is not None}
+    if args.state != "set":
+        if settings or args.clear or args.direction:
+            raise UsageError("impairment flags go with `link set NODE:IF`")
+        row = client_for(args).post(f"/links/{args.endpoint}/{args.state}")
+        print(f"{row['link']}: admin {row['admin']}, carrier {carrier_text(row)}")
+        return EXIT_OK
+    if args.clear == bool(settings):
+        raise UsageError("say what to impair (--delay, --loss, --rate, ...), or --clear")
+    body: dict[str, Any] = {"direction": args.direction or "both", "clear": args.clear}
+    if settings:
+        body["settings"] = settings
+    row = client_for(args).post(f"/links/{args.endpoint}/impair", body)
+    print(f"{row['link']}: {impair_text(row)}")
     return EXIT_OK
 
 
@@ -419,9 +438,17 @@ def _add_daemon_verbs(commands: Any) -> None:
 
 def _add_operating_verbs(commands: Any) -> None:
     """Verbs that act on a running lab's cables and VMs, or watch them."""
-    link = commands.add_parser("link", help="cut or restore a cable: both ends lose carrier")
-    link.add_argument("state", choices=("down", "up"))
+    link = commands.add_parser(
+        "link",
+        help="cut or restore a cable (both ends lose carrier), or impair it (set)",
+        description="`link down|up NODE:IF` cuts or restores the cable. `link set NODE:IF "
+        "--delay 20ms --loss 1% ...` impairs it, live, with the kernel's netem: the "
+        "settings given replace what the direction(s) had; `--clear` removes them. "
+        "Values carry their unit: 20ms, 1%, 10mbit.",
+    )
+    link.add_argument("state", choices=("down", "up", "set"))
     link.add_argument("endpoint", metavar="NODE:IF", help="either end, NODE:IF or LAB/NODE:IF")
+    _add_impair_flags(link)
     link.set_defaults(handler=cmd_link)
 
     capture = commands.add_parser(
@@ -478,6 +505,26 @@ def _add_operating_verbs(commands: Any) -> None:
     qmp.add_argument("command_name", metavar="COMMAND")
     qmp.add_argument("arguments", nargs="*", metavar="KEY=VALUE")
     qmp.set_defaults(handler=cmd_qmp)
+
+
+def _add_impair_flags(link: argparse.ArgumentParser) -> None:
+    impair = link.add_argument_group("impairment (link set)")
+    impair.add_argument("--delay", metavar="TIME", help="added delay, e.g. 20ms")
+    impair.add_argument("--jitter", metavar="TIME", help="the delay varies by up to this")
+    impair.add_argument("--distribution", choices=("uniform", "normal", "pareto", "paretonormal"),
+                        help="how the jitter is spread (default uniform)")  # fmt: skip
+    impair.add_argument("--loss", metavar="PCT", help="frames lost at random, e.g. 1%%")
+    impair.add_argument("--loss-correlation", metavar="PCT",
+                        help="how much each loss depends on the last")  # fmt: skip
+    impair.add_argument("--burst", type=float, metavar="N",
+                        help="losses come in bursts of N frames, on average")  # fmt: skip
+    impair.add_argument("--duplicate", metavar="PCT", help="frames sent twice")
+    impair.add_argument("--reorder", metavar="PCT", help="frames sent ahead of the delayed ones")
+    impair.add_argument("--corrupt", metavar="PCT", help="frames with a flipped bit")
+    impair.add_argument("--rate", metavar="RATE", help="rate limit, e.g. 10mbit")
+    impair.add_argument("--direction", choices=("out", "in", "both"),
+                        help="frames NODE:IF sends (out), receives (in), or both")  # fmt: skip
+    impair.add_argument("--clear", action="store_true", help="no impairment on the direction(s)")
 
 
 def _fail(message: str, code: int, hint: str | None = None) -> int:

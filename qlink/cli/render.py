@@ -119,6 +119,24 @@ def carrier_text(link: dict[str, Any]) -> str:
     return a if a == b else f"{link['a']['endpoint']} {a}, {link['b']['endpoint']} {b}"
 
 
+def impair_text(link: dict[str, Any]) -> str:
+    """`delay=20ms loss=1%` when both directions are alike, else per direction by the
+    sending end (`r1:eth1> delay=20ms; r2:eth1> -`); `-` when the link is not impaired."""
+    impair = link.get("impair")
+    if not impair:
+        return "-"
+
+    def one(settings: dict[str, Any] | None) -> str:
+        return " ".join(f"{name}={value}" for name, value in (settings or {}).items()) or "-"
+
+    a_to_b, b_to_a = impair.get("a_to_b"), impair.get("b_to_a")
+    failed = " (NOT APPLIED: see qlinkd's log)" if link.get("impair_error") else ""
+    if a_to_b == b_to_a:
+        return one(a_to_b) + failed
+    a, b = link["a"]["endpoint"], link["b"]["endpoint"]
+    return f"{a}> {one(a_to_b)}; {b}> {one(b_to_a)}{failed}"
+
+
 def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> str:
     """The lab as Graphviz DOT: a box per node, an edge per cable labelled with its ports;
     a cable that is cut is red and dashed, one whose carrier is down is grey and dotted."""
@@ -153,6 +171,12 @@ def graph_dot(lab: str, links: list[dict[str, Any]], nodes: dict[str, str]) -> s
     return "\n".join(lines) + "\n"
 
 
+def _ends(event: dict[str, Any]) -> dict[str, Any]:
+    """An impair event as a `links` row, for `impair_text`."""
+    return {"impair": event.get("impair"), "a": {"endpoint": event.get("a")},
+            "b": {"endpoint": event.get("b")}}  # fmt: skip
+
+
 def event_line(event: dict[str, Any]) -> str | None:
     """One event for people: `12:00:01.250  clos/spine1  running (pid 4242)`."""
     import time
@@ -168,6 +192,10 @@ def event_line(event: dict[str, Any]) -> str | None:
         text = f"carrier {'up' if event['up'] else event['reason']}"
     elif kind == "link_admin":
         text = f"link {event['link']} admin {event['admin']}"
+    elif kind == "impair":
+        text = f"link {event['link']} impair ({event['source']}): {impair_text(_ends(event))}"
+    elif kind == "impair_error":
+        text = f"impairment failed ({event['why']}): {event['error']}"
     elif kind == "lab":
         text = f"lab {event['action']}"
     elif kind == "console":

@@ -21,6 +21,7 @@ from qlink.daemon.carrier import CarrierKeeper
 from qlink.daemon.changes import diff_lab
 from qlink.daemon.events import Event, EventBus, Subscription
 from qlink.daemon.hooks import DaemonHooks, check_node_ports
+from qlink.daemon.impairs import ImpairKeeper, kept_live
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
 from qlink.daemon.stopscan import scan_stopped
@@ -34,6 +35,7 @@ from qlink.plan.paths import Layout
 from qlink.plan.replug import NicReplug
 from qlink.policy import SupervisorSettings, VmStatus
 from qlink.runtime.handles import MonitorHandle, Runtime, VmRuntime
+from qlink.runtime.impair import TrafficControl
 from qlink.runtime.links import LinkSocket, open_link_socket
 from qlink.runtime.ports import check_udp_ports_free
 from qlink.runtime.ports import ports_in_use as host_ports_in_use
@@ -59,6 +61,8 @@ class Daemon:
         settings: SupervisorSettings | None = None,
         runtime: Runtime | None = None,
         resources: HostResources | None = None,
+        *,
+        traffic: TrafficControl | None = None,
     ) -> None:
         self.layout = layout
         self.resources = resources
@@ -69,6 +73,7 @@ class Daemon:
         self.events = EventBus()
         self.store = LabStore(layout)
         self.hooks = DaemonHooks(layout, self.store, self.events, self.labs)
+        self.impairs = ImpairKeeper(layout, self.labs, self.store, self.events, traffic)
         self._runtime = runtime
         self._group: asyncio.TaskGroup | None = None
         # One `up`/`down` at a time: each plans against the allocations the last one left.
@@ -88,6 +93,9 @@ class Daemon:
                 scanner = group.create_task(scan_stopped(self.labs, self.settings.liveness))
                 try:
                     self._restore_labs()
+                    # The kernel kept the impairment; this qlinkd owns it again (and drops
+                    # whatever of this root's no lab wants, after a kill -9 mid-change).
+                    await self.impairs.settle("qlinkd started")
                     # Serve only once every VM left by a previous qlinkd is adopted (or known
                     # gone): a `status` must never show a running VM as stopped.
                     for lab in self.labs:
@@ -184,8 +192,16 @@ class Daemon:
             await asyncio.to_thread(
                 self._preflight, [plan.nodes[name] for name in change.start], change.replug
             )
-            save_allocations(self.layout, allocations)
-            runtime = self._adopt_plan(current, lab, plan, argvs)
+            adopted: list[LabRuntime] = []
+
+            def adopt() -> None:
+                save_allocations(self.layout, allocations)
+                adopted.append(self._adopt_plan(current, lab, plan, argvs))
+
+            # The lab's impairment is in place before any VM starts; refused, nothing starts.
+            impair = kept_live(current.record, lab) if current is not None else {}
+            await self.impairs.before_up(plan, LabRecord(lab=lab, impair=impair), adopt)
+            runtime = adopted[0]
             yield summary
             with self.events.subscribe() as updates:
                 for name in change.remove:
@@ -229,6 +245,7 @@ class Daemon:
             lab=lab,
             stopped=[n for n in runtime.record.stopped if n in plan.nodes],
             links_down=[k for k in runtime.record.links_down if k in keys],
+            impair=kept_live(runtime.record, lab),
         )
         runtime.plan = plan
         self.store.save(runtime.record)
@@ -322,6 +339,7 @@ class Daemon:
                 task.cancel()
             self.labs.remove(lab_name)
             self.store.forget(lab_name)
+            await self.impairs.settle(f"lab {lab_name} down")  # its directions go with it
             self.events.publish("lab", lab=lab_name, action="down")
             log.info("lab_down", lab=lab_name)
 
@@ -354,6 +372,13 @@ class Daemon:
         await lab.carrier.request(*(end.node for end in link.endpoints))
         return link_row(lab, link)
 
+    async def set_impair(
+        self, reference: str, direction: str, settings: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """`link set NODE:IF` (settings None: `--clear`): see `daemon/impairs.py`."""
+        lab, link = await self.impairs.set_live(reference, direction, settings)
+        return link_row(lab, link)
+
     async def qmp(self, reference: str, command: str, arguments: dict[str, Any]) -> Any:
         """A QMP command through the VM's own session: QEMU serves one QMP client."""
         _, supervisor = self.labs.find_node(reference)
@@ -373,7 +398,12 @@ class Daemon:
         return status_rows(self.labs, self.host)
 
     def links(self) -> list[dict[str, Any]]:
-        return link_rows(self.labs)
+        rows = link_rows(self.labs)
+        if self.impairs.error is not None:  # the kernel may not have what `impair` says
+            for row in rows:
+                if row["impair"] is not None:
+                    row["impair_error"] = self.impairs.error
+        return rows
 
     def subscribe(self) -> contextlib.AbstractContextManager[Subscription]:
         return self.events.subscribe()

@@ -4,6 +4,9 @@
     {"event": "carrier",    "lab": …, "node": …, "interface": …, "up": …, "reason": …}
     {"event": "lab",        "lab": …, "action": "up" | "changed" | "down"}
     {"event": "link_admin", "lab": …, "link": …, "admin": "up" | "down"}
+    {"event": "impair",     "lab": …, "link": …, "a": …, "b": …, "source": "file" | "live",
+                            "impair": {"a_to_b": {"delay": "20ms", …} | None, "b_to_a": …} | None}
+    {"event": "impair_error", "why": …, "error": …}   (a pass nobody waited for failed)
 
 Publishing never waits: each subscriber has a bounded queue, and one that falls that far
 behind is told so (`{"event": "lagged"}`) and dropped, rather than slowing the daemon or

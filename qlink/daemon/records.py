@@ -10,6 +10,7 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from qlink.impairment import LinkImpairment
 from qlink.plan.lab import NodePlan
 from qlink.plan.paths import Layout
 from qlink.runtime.process import ProcessIdentity
@@ -29,6 +30,9 @@ class LabRecord(BaseModel):
     """Nodes an operator stopped: they stay stopped across daemon restarts."""
     links_down: list[str] = []
     """Links an operator cut (`qlinkctl link down`), by `Link.key`; kept across restarts."""
+    impair: dict[str, LinkImpairment] = {}
+    """Live impairment (`qlinkctl link set`), by `Link.key`: it wins over the file's `impair:`
+    (an empty one is a `--clear`); kept across restarts (`daemon/impairs.py`)."""
 
 
 class ProcessRecord(BaseModel):

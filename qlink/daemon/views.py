@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from qlink.daemon.impairs import effective
 from qlink.daemon.labs import LabRuntime, Labs
 from qlink.plan.argv import HostFacts
 from qlink.policy import is_ready as policy_is_ready
@@ -61,7 +62,12 @@ def link_row(lab: LabRuntime, link: Link) -> dict[str, Any]:
             }
         )
     admin = "down" if link.key in lab.record.links_down else "up"
-    return {"lab": lab.name, "link": link.key, "admin": admin, "a": ends[0], "b": ends[1]}
+    impairment = effective(lab.record, link)
+    return {
+        "lab": lab.name, "link": link.key, "admin": admin, "a": ends[0], "b": ends[1],
+        # Per direction (a_to_b: frames `a` sends), as set; None: not impaired.
+        "impair": impairment.document() if impairment is not None else None,
+    }  # fmt: skip
 
 
 def is_ready(supervisor: VmSupervisor) -> bool:
