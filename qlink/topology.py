@@ -84,6 +84,24 @@ NodeName = Annotated[str, AfterValidator(_node_name)]
 InterfaceName = Annotated[str, AfterValidator(_interface_name)]
 UdpPort = Annotated[int, Field(ge=1, le=65535)]
 
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5}")
+
+
+def _mac(value: str) -> str:
+    """A fixed MAC: six octets, unicast (a multicast source address is dropped by every
+    bridge and switch), not all zeros; written back as lowercase with colons."""
+    if not _MAC_RE.fullmatch(value):
+        raise ValueError(f"bad MAC address {value!r}: write six octets, e.g. 44:38:39:00:00:01")
+    octets = [int(part, 16) for part in re.split("[:-]", value)]
+    if octets[0] & 1:
+        raise ValueError(f"MAC address {value!r} is multicast (first octet odd): use unicast")
+    if not any(octets):
+        raise ValueError("MAC address 00:00:00:00:00:00 is not a usable address")
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+MacAddress = Annotated[str, AfterValidator(_mac)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
@@ -182,10 +200,12 @@ class Endpoint(_Strict):
 
 
 class Link(_Strict):
-    """A point-to-point cable; `ports` fixes each end's local UDP port, in endpoint order."""
+    """A point-to-point cable; `ports` fixes each end's local UDP port and `macs` each end's
+    MAC address (null: derived), in endpoint order."""
 
     endpoints: tuple[Endpoint, Endpoint]
     ports: tuple[UdpPort, UdpPort] | None = None
+    macs: tuple[MacAddress | None, MacAddress | None] | None = None
 
     @property
     def key(self) -> str:
@@ -265,6 +285,15 @@ class Lab(_Strict):
     def interfaces(self, node: str) -> list[str]:
         """The node's interface names, in the order of the file's links."""
         return [end.interface for link in self.links for end in link.endpoints if end.node == node]
+
+    def fixed_macs(self) -> dict[tuple[str, str], str]:
+        """{(node, interface): MAC} of every link end the file gives a MAC."""
+        return {
+            (end.node, end.interface): mac
+            for link in self.links
+            for end, mac in zip(link.endpoints, link.macs or (None, None), strict=True)
+            if mac is not None
+        }
 
 
 def _field_path(location: Location) -> str:
@@ -391,9 +420,11 @@ def _links_connect_once(topology: Topology) -> Iterator[tuple[Location, str]]:
     """Each link end is a known node's interface, and no interface or UDP port is used twice."""
     used_interfaces: dict[tuple[str, str], Location] = {}
     used_ports: dict[int, Location] = {}
+    used_macs: dict[str, Location] = {}
     for link_index, link in enumerate(topology.links):
         yield from _ends_known_and_free(topology, link_index, link, used_interfaces)
         yield from _ports_free(link_index, link, used_ports)
+        yield from _macs_free(link_index, link, used_macs)
 
 
 def _ends_known_and_free(
@@ -426,6 +457,21 @@ def _ports_free(
             yield where, f"UDP port {port} is already used by {_field_path(used_ports[port])}"
         else:
             used_ports[port] = where
+
+
+def _macs_free(
+    link_index: int, link: Link, used_macs: dict[str, Location]
+) -> Iterator[tuple[Location, str]]:
+    """The link's fixed MACs are ones no earlier end took (recorded here): two NICs with one
+    MAC in one lab confuse every switch and ARP cache between them."""
+    for end_index, mac in enumerate(link.macs or ()):
+        if mac is None:
+            continue
+        where: Location = ("links", link_index, "macs", end_index)
+        if mac in used_macs:
+            yield where, f"MAC {mac} is already used by {_field_path(used_macs[mac])}"
+        else:
+            used_macs[mac] = where
 
 
 def _extra_args_screened(topology: Topology) -> Iterator[tuple[Location, str]]:

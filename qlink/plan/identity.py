@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 ROOT_BUS = "pcie.0"
@@ -138,11 +138,20 @@ def _highest_free(taken: set[int]) -> int:
         bridges += 1
 
 
-def mac_address(lab: str, node: str, interface: str) -> str:
+def mac_address(lab: str, node: str, interface: str, avoid: Collection[str] = frozenset()) -> str:
     """A locally administered unicast MAC derived from the interface's full name.
 
     40 bits of hash behind a fixed 02 first octet: collisions within one lab are
-    astronomically unlikely, and the plan still refuses one if it happens.
+    astronomically unlikely, and the plan still refuses one if it happens. A derived MAC
+    that is in `avoid` (the lab's fixed MACs) is derived again with a counter, so a MAC the
+    file fixes for one interface is never given to another; still a function of the file.
     """
-    digest = hashlib.sha256(f"qlink\0{lab}\0{node}\0{interface}".encode()).digest()
-    return ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
+    salt = 0
+    while True:
+        suffix = f"\0{salt}" if salt else ""
+        key = f"qlink\0{lab}\0{node}\0{interface}{suffix}"
+        digest = hashlib.sha256(key.encode()).digest()
+        mac = ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
+        if mac not in avoid:
+            return mac
+        salt += 1

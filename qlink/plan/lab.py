@@ -195,6 +195,8 @@ def plan_lab(
         avoid=busy_tcp,
     )
 
+    fixed_macs = lab.fixed_macs()
+    avoid = frozenset(fixed_macs.values())
     positions: dict[str, int] = {}
     nodes: dict[str, NodePlan] = {}
     day0_issues: list[ConfigIssue] = []
@@ -219,7 +221,8 @@ def plan_lab(
             nics.append(
                 NicPlan(
                     interface=end.interface,
-                    mac=mac_address(lab.name, name, end.interface),
+                    mac=fixed_macs.get((name, end.interface))
+                    or mac_address(lab.name, name, end.interface, avoid),
                     position=node_positions[end.interface],
                     place=place_of(node_positions[end.interface]),
                     local_port=udp_ports[port_key(lab.name, name, end.interface)],
@@ -230,7 +233,7 @@ def plan_lab(
         nics.sort(key=lambda nic: nic.position)
         mgmt = (
             MgmtPlan(
-                mac=mac_address(lab.name, name, MGMT_KEY),
+                mac=mac_address(lab.name, name, MGMT_KEY, avoid),
                 ssh_port=ssh_ports[port_key(lab.name, name, "ssh")],
                 ssh_credential=layout.ssh_credential,
             )
@@ -298,5 +301,5 @@ def _refuse_mac_collisions(nodes: dict[str, NodePlan]) -> None:
             named.append((plan.mgmt.mac, f"{plan.name} management NIC"))
         for mac, owner in named:
             if mac in seen:
-                raise PlanError(f"MAC {mac} derived for both {seen[mac]} and {owner}")
+                raise PlanError(f"MAC {mac} is both {seen[mac]}'s and {owner}'s")
             seen[mac] = owner
