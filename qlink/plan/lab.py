@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from qlink.dayzero import Interface, Seed
@@ -25,6 +26,7 @@ from qlink.plan.identity import (
     PciPlace,
     assign_positions,
     bridges_needed,
+    kind_position,
     mac_address,
     place_of,
 )
@@ -208,7 +210,11 @@ def plan_lab(
             if (position := previous.positions.get(port_key(lab.name, name, interface))) is not None
         }
         try:
-            node_positions = assign_positions(interfaces, remembered)
+            node_positions = assign_positions(
+                interfaces,
+                remembered,
+                partial(kind_position, naming=node.ports, mgmt_port=node.mgmt_port),
+            )
         except ValueError as error:
             raise PlanError(f"node {name} of {lab.source}: {error}") from error
         positions.update(
