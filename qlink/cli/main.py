@@ -24,6 +24,7 @@ from qlink.cli.common import (
     UsageError,
     client_for,
 )
+from qlink.cli.interop import add_import_verb
 from qlink.cli.local import cmd_graph, cmd_host, cmd_plan, cmd_validate
 from qlink.cli.render import (
     carrier_text,
@@ -46,6 +47,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
+
+KINDS_HELP = "for a DOT or containerlab file: kinds: {NAME: {image: ...}} to use"
 
 # --- commands -----------------------------------------------------------------------------
 
@@ -70,11 +73,16 @@ def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from qlink.sourcefile import read_topology_text
+    from qlink.sourcefile import foreign_format, read_topology_text
 
     path = Path(args.file).resolve()
-    # The same checks as `validate` (size, encoding), located, before the daemon is asked.
+    # The same checks as `validate` (size, encoding), located, before the daemon is asked;
+    # a DOT or containerlab file is converted here (qlink/importers/), the daemon sees YAML.
     text = read_topology_text(path)
+    if getattr(args, "kinds", None) or foreign_format(path, text) is not None:
+        from qlink.cli.interop import topology_text
+
+        text, _ = topology_text(str(path), args.kinds)
     query = "?dry_run=1" if args.dry_run else ""
     request = {"source": str(path), "text": text}
     if args.dry_run:
@@ -316,10 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a topology file")
     validate.add_argument("file")
+    validate.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     validate.set_defaults(handler=cmd_validate)
 
     plan = commands.add_parser("plan", help="print the exact QEMU argv; no daemon needed")
     plan.add_argument("file")
+    plan.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     plan.add_argument("node", nargs="?")
     plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
     plan.set_defaults(handler=cmd_plan)
@@ -333,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     host.set_defaults(handler=cmd_host)
 
+    add_import_verb(commands)
     _add_daemon_verbs(commands)
     _add_operating_verbs(commands)
     _add_console_verbs(commands)
@@ -364,7 +375,8 @@ def _add_console_verbs(commands: Any) -> None:
 def _add_daemon_verbs(commands: Any) -> None:
     """The verbs that talk to qlinkd."""
     up = commands.add_parser("up", help="start a lab, or bring a running one to its file")
-    up.add_argument("file")
+    up.add_argument("file", help="a qlink file, or a DOT or containerlab file as it is")
+    up.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     up.add_argument("-o", "--output", choices=("text", "json"), default="text")
     up.add_argument("-v", "--verbose", action="store_true", help="progress even off a terminal")
     up.add_argument(
