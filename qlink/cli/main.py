@@ -270,6 +270,39 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     os.execv(ssh, argv)
 
 
+def _inventory_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    from qlink.cli.inventory import hosts_of
+
+    rows = client_for(args).get("/status")["nodes"]
+    hosts = hosts_of(rows, args.lab)
+    for row in rows:
+        if not row.get("ssh") and args.lab in (None, row["lab"]):
+            print(f"qlinkctl: {row['lab']}/{row['node']} has no SSH forward (mgmt: false): "
+                  "left out", file=sys.stderr)  # fmt: skip
+    key = layout_from(args.root).ssh_key
+    return hosts, (str(key) if os.access(key, os.R_OK) else None)
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    """An Ansible inventory of the running labs: each node's SSH forward, qlinkd's key."""
+    from qlink.cli import inventory
+
+    hosts, key = _inventory_hosts(args)
+    write = {"ini": inventory.inventory_ini, "yaml": inventory.inventory_yaml,
+             "json": inventory.inventory_json}[args.output]  # fmt: skip
+    sys.stdout.write(write(hosts, key, args.user))
+    return EXIT_OK
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    """`ssh -F <(qlinkctl ssh-config) NODE`: every node's SSH forward as ssh_config."""
+    from qlink.cli.inventory import ssh_config
+
+    hosts, key = _inventory_hosts(args)
+    sys.stdout.write(ssh_config(hosts, key, args.user))
+    return EXIT_OK
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """What happens in the daemon, as it happens, until Ctrl-C (or --count events)."""
     query = f"?lab={args.lab}" if args.lab else ""
@@ -450,6 +483,20 @@ def _add_operating_verbs(commands: Any) -> None:
     ssh.add_argument("-l", "--user", default="root")
     ssh.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
     ssh.set_defaults(handler=cmd_ssh)
+
+    inventory = commands.add_parser(
+        "inventory", help="an Ansible inventory of the running labs (groups: lab, kind, stage)"
+    )
+    inventory.add_argument("lab", nargs="?", help="only this lab")
+    inventory.add_argument("-o", "--output", choices=("ini", "yaml", "json"), default="ini")
+    inventory.add_argument("-l", "--user", default="root")
+    inventory.set_defaults(handler=cmd_inventory)
+    ssh_config = commands.add_parser(
+        "ssh-config", help="ssh_config for every node: ssh -F <(qlinkctl ssh-config) NODE"
+    )
+    ssh_config.add_argument("lab", nargs="?", help="only this lab")
+    ssh_config.add_argument("-l", "--user", default="root")
+    ssh_config.set_defaults(handler=cmd_ssh_config)
 
     graph = commands.add_parser("graph", help="the topology as a picture (DOT; SVG/PNG with dot)")
     graph.add_argument(
