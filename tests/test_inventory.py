@@ -49,8 +49,13 @@ def ansible_inventory() -> str:
 
 def listed(source: Path) -> dict[str, Any]:
     """What Ansible itself makes of the inventory at `source`."""
-    env = {**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true", "ANSIBLE_NOCOLOR": "1",
-           "ANSIBLE_LOCAL_TEMP": str(source.parent / "tmp"), "HOME": str(source.parent)}  # fmt: skip
+    env = {
+        **os.environ,
+        "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_LOCAL_TEMP": str(source.parent / "tmp"),
+        "HOME": str(source.parent),
+    }
     done = subprocess.run(
         [ansible_inventory(), "-i", str(source), "--list"],
         capture_output=True, text=True, env=env, timeout=120, check=False,
