@@ -14,7 +14,9 @@ and what its YAML composes in `yamlload.py`, with fixed limits far above any rea
 from __future__ import annotations
 
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -281,6 +283,12 @@ class Topology(_Strict):
         description="a node that stops takes its peers' ports down, as a rebooting switch does",
     )
 
+    @cached_property
+    def merged(self) -> dict[str, NodeSettings]:
+        """Each node's settings with qlink's defaults, `defaults` and its kind applied
+        (`_merge`), made once: every cross-check reads them."""
+        return {name: _merge(self, settings) for name, settings in self.nodes.items()}
+
     @field_validator("nodes", "kinds", mode="before")
     @classmethod
     def _empty_node_is_default(cls, value: Any) -> Any:
@@ -461,7 +469,7 @@ def _beyond_host(topology: Topology, lab: Lab, host: HostResources) -> list[tupl
         problem
         for name, settings in topology.nodes.items()
         for problem in beyond_host(
-            name, settings, _merge(topology, settings), lab.nodes[name].image, host
+            name, settings, topology.merged[name], lab.nodes[name].image, host
         )
     ]
 
@@ -482,7 +490,7 @@ def _cross_check(topology: Topology) -> Iterator[tuple[Location, str]]:
     yield from _kinds_known(topology)
     yield from _boot_order_acyclic(topology)
     for name, settings in topology.nodes.items():
-        merged = _merge(topology, settings)
+        merged = topology.merged[name]
         yield from beyond_qemu(name, settings, merged)
         yield from _boots_one_way(name, merged)
 
@@ -558,49 +566,49 @@ def _kinds_known(topology: Topology) -> Iterator[tuple[Location, str]]:
     for name, kind in topology.kinds.items():
         if kind.kind is not None:
             yield ("kinds", name, "kind"), "a kind cannot name another kind"
-    for name, settings in topology.nodes.items():
-        yield from _ports_fit(name, _merge(topology, settings), topology.links)
+    ends: dict[str, list[tuple[Location, Endpoint]]] = defaultdict(list)
+    for index, link in enumerate(topology.links):
+        for end_index, end in enumerate(link.endpoints):
+            ends[end.node].append((("links", index, "endpoints", end_index), end))
+    for name in topology.nodes:
+        yield from _ports_fit(name, topology.merged[name], ends.get(name, []))
 
 
 def _ports_fit(
-    name: str, merged: NodeSettings, links: Sequence[Link]
+    name: str, merged: NodeSettings, ends: Sequence[tuple[Location, Endpoint]]
 ) -> Iterator[tuple[Location, str]]:
     """A node whose kind names its ports uses names that kind has; its management port is
     not cabled while qlink's management NIC takes that place."""
     from qlink.plan.identity import kind_position  # noqa: PLC0415 (plan imports this module)
 
-    for index, link in enumerate(links):
-        for end_index, end in enumerate(link.endpoints):
-            if end.node != name:
-                continue
-            where: Location = ("links", index, "endpoints", end_index)
-            if end.interface == merged.mgmt_port and merged.mgmt:
+    for where, end in ends:
+        if end.interface == merged.mgmt_port and merged.mgmt:
+            yield (
+                where,
+                (
+                    f"{end} is {name}'s management port, which its management NIC (mgmt: true) "
+                    "is: cable another port, or set mgmt: false"
+                ),
+            )
+        elif merged.ports is not None and end.interface != merged.mgmt_port:
+            naming = merged.ports
+            number = end.interface.removeprefix(naming.prefix)
+            if number.isdigit() and kind_position(end.interface, naming, None) is None:
                 yield (
                     where,
                     (
-                        f"{end} is {name}'s management port, which its management NIC (mgmt: true) "
-                        "is: cable another port, or set mgmt: false"
+                        f"{name} has no port {end.interface}: its ports are "
+                        f"{naming.prefix}{naming.first}, {naming.prefix}"
+                        f"{naming.first + naming.step}, ... ({merged.kind or 'ports'})"
                     ),
                 )
-            elif merged.ports is not None and end.interface != merged.mgmt_port:
-                naming = merged.ports
-                number = end.interface.removeprefix(naming.prefix)
-                if number.isdigit() and kind_position(end.interface, naming, None) is None:
-                    yield (
-                        where,
-                        (
-                            f"{name} has no port {end.interface}: its ports are "
-                            f"{naming.prefix}{naming.first}, {naming.prefix}"
-                            f"{naming.first + naming.step}, ... ({merged.kind or 'ports'})"
-                        ),
-                    )
 
 
 def _boot_order_acyclic(topology: Topology) -> Iterator[tuple[Location, str]]:
     """`depends_on` names known nodes, and no node waits for itself through the others."""
     orders: dict[str, bootorder.Order] = {}
-    for name, settings in topology.nodes.items():
-        merged = _merge(topology, settings)
+    for name in topology.nodes:
+        merged = topology.merged[name]
         for index, other in enumerate(merged.depends_on or ()):
             if other not in topology.nodes:
                 yield ("nodes", name, "depends_on", index), f"unknown node {other!r}"
@@ -669,7 +677,7 @@ def _with_day_zero(
     base = base if base.is_absolute() else Path.cwd() / base
     nodes = dict(lab.nodes)
     for name, settings in topology.nodes.items():
-        merged = _merge(topology, settings).model_dump(include=DAY_ZERO_FIELDS)
+        merged = topology.merged[name].model_dump(include=DAY_ZERO_FIELDS)
         # One level, as dayzero.merge_vars does (kept here: no Jinja2 import for validate).
         merged["vars"] = {**(topology.defaults.vars or {}), **(settings.vars or {})}
         own = settings.model_dump(include=DAY_ZERO_FIELDS)
@@ -718,8 +726,8 @@ def _resolve(topology: Topology, source: str) -> Lab:
     base = Path(source).parent if source else Path(".")
     base = base if base.is_absolute() else Path.cwd() / base
     nodes: dict[str, Node] = {}
-    for name, settings in topology.nodes.items():
-        merged = _merge(topology, settings)
+    for name in topology.nodes:
+        merged = topology.merged[name]
         fields = merged.model_dump(exclude=DAY_ZERO_FIELDS)
         for path_field in ("kernel", "initrd", "image"):
             fields[path_field] = _anchor(fields[path_field], base)

@@ -5,9 +5,11 @@ valid and planned as qlink files (fixed MACs, boot stages, cables within one nod
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from qlink.cli.common import EXIT_OK, EXIT_USAGE
 from qlink.cli.main import run
@@ -23,6 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data" / "import"
 FABRIC = DATA / "fabric16.dot"
 CLAB = DATA / "dc.clab.yml"
+
+
+@pytest.fixture(autouse=True)
+def _logging_back_to_defaults() -> Iterator[None]:
+    """`validate` and `plan` point qlink's log at stderr, which capsys closes after the
+    test: later tests that log (the daemon's, the supervisor's) must not write there."""
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

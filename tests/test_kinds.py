@@ -138,7 +138,8 @@ def test_stages_and_depends_on_make_waves() -> None:
           free: {}
         """)
     waits = lab.boot_waits()
-    assert waits["leaf1"] == {"oob", "spine1", "leaf2"}
+    assert waits["leaf1"] == {"leaf2"}  # the stage before leaf (50) is 45, after spine's
+    assert waits["leaf2"] == {"spine1"}
     assert waits["host1"] == {"leaf1"}
     assert bootorder.waves(waits) == [
         ["free", "oob"], ["spine1"], ["leaf2"], ["leaf1"], ["host1"]
