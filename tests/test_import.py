@@ -183,3 +183,47 @@ def test_the_conversion_is_valid_qlink_yaml() -> None:
         "needs `kernel` (direct boot) or `image` (a disk)"
     }
     assert origin[text.splitlines().index("  leaf01:  # fabric16.dot:8") + 1] == 8
+
+
+CLAB_SHAPES = [
+    "topology: {nodes: {a: 5}}",
+    "topology: {nodes: {a: {kind: linux}}, links: 5}",
+    "topology: {nodes: {a: {kind: linux}}, links: [5, [a, b], {endpoints: 3}]}",
+    "topology: {nodes: {a: {kind: [1]}}, kinds: [1], defaults: 7}",
+    "topology: {nodes: {a: {kind: linux, memory: [1], cpu: {}}}}",
+    "topology: {nodes: {a: {stages: 3, wait-for: {x: 1}}}}",
+    "topology: {nodes: {a: {}}, links: [{endpoints: [{node: a}, {interface: x, mac: 5}]}]}",
+    "topology: {nodes: {'a b': {}}, links: [{type: [1]}]}",
+    "name: [1]\ntopology: {nodes: {a: null}}",
+    "- 1\n- 2",
+    "topology: 5",
+]
+DOT_SHAPES = [
+    "graph {}",
+    "digraph g { a -> b }",
+    'graph g { "a":"p":"n" -- "b":"q" }',
+    "graph g { a [memory=0]; a:p -- a:p }",
+    "graph g { subgraph s { a -- b } c:x -- d:y }",
+    'graph g { a [vagrant="bad name"] }',
+    "strict graph g { a:p -- b:q [left_mac=1] }",
+    "graph g { { a b } -- c:x }",
+]
+
+
+@pytest.mark.parametrize("text", CLAB_SHAPES)
+def test_odd_containerlab_shapes_are_located_errors_or_reports(text: str) -> None:
+    _converts_or_is_located(text, "odd.clab.yml", "clab")
+
+
+@pytest.mark.parametrize("text", DOT_SHAPES)
+def test_odd_dot_shapes_are_located_errors_or_reports(text: str) -> None:
+    _converts_or_is_located(text, "odd.dot", "dot")
+
+
+def _converts_or_is_located(text: str, source: str, kind: str) -> None:
+    issues = []
+    try:
+        to_qlink(convert(text, source, kind))  # and what it made can be written
+    except ConfigError as error:
+        issues = list(error.issues)
+    assert all(issue.file == source and issue.message for issue in issues)

@@ -81,15 +81,28 @@ def convert_clab(text: str, source: str) -> Conversion:
     for key in topology:
         if key not in ("defaults", "kinds", "nodes", "links"):
             conversion.report(read.line("topology", key), f"topology.{key}", "not read")
-    defaults = topology.get("defaults") or {}
-    kinds = topology.get("kinds") or {}
+    defaults = _mapping(read, topology, "defaults")
+    kinds = _mapping(read, topology, "kinds")
     for name, body in topology["nodes"].items():
         _node(read, str(name), body or {}, defaults, kinds)
+    links = topology.get("links") or []
+    if not isinstance(links, list):
+        conversion.error(read.line("topology", "links"), "topology.links", "a list of links")
+        links = []
     used: dict[tuple[str, str], int | None] = {}
-    for index, link in enumerate(topology.get("links") or []):
+    for index, link in enumerate(links):
         _link(read, index, link, used)
     conversion.raise_errors()
     return conversion
+
+
+def _mapping(read: _Reader, topology: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """`topology.defaults` or `topology.kinds`: a mapping, or an error at its line."""
+    value = topology.get(key) or {}
+    if isinstance(value, Mapping):
+        return value
+    read.conversion.error(read.line("topology", key), f"topology.{key}", "must be a mapping")
+    return {}
 
 
 _TOP_REASONS = {
