@@ -69,3 +69,20 @@ def check_text(text: str, source: str) -> None:
         raise ConfigError([ConfigIssue(source, line, "", message)]) from error
     if size > MAX_TOPOLOGY_BYTES:
         raise ConfigError([ConfigIssue(source, None, "", too_big(f"{size} bytes"))])
+
+
+def foreign_format(path: str | Path, text: str) -> str | None:
+    """`dot` (topology_converter), `clab` (containerlab), or None for a qlink file: by the
+    file's extension, then by its first words (`graph`, or a top-level `topology:`).
+    Here, not in qlink/importers/, so that `up` of a qlink file imports no importer."""
+    name = Path(path).name.lower()
+    if name.endswith((".dot", ".gv")):
+        return "dot"
+    if name.endswith((".clab.yml", ".clab.yaml")):
+        return "clab"
+    if text.lstrip().startswith(("graph", "digraph", "strict")):
+        return "dot"
+    lines = text.splitlines()
+    if "topology:" in lines and "nodes:" not in lines:
+        return "clab"
+    return None

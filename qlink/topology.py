@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +32,7 @@ from pydantic import (
     model_validator,
 )
 
+from qlink import bootorder
 from qlink.errors import ConfigError, ConfigIssue
 from qlink.guestspec import DayZero, Readiness, day_zero_of
 from qlink.impairment import LinkImpairment
@@ -87,13 +90,58 @@ InterfaceName = Annotated[str, AfterValidator(_interface_name)]
 UdpPort = Annotated[int, Field(ge=1, le=65535)]
 CarrierFollows = bool | Literal["ready"]
 
+_MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?:[:-][0-9A-Fa-f]{2}){5}")
+
+
+def _mac(value: str) -> str:
+    """A fixed MAC: six octets, unicast (a multicast source address is dropped by every
+    bridge and switch), not all zeros; written back as lowercase with colons."""
+    if not _MAC_RE.fullmatch(value):
+        raise ValueError(f"bad MAC address {value!r}: write six octets, e.g. 44:38:39:00:00:01")
+    octets = [int(part, 16) for part in re.split("[:-]", value)]
+    if octets[0] & 1:
+        raise ValueError(f"MAC address {value!r} is multicast (first octet odd): use unicast")
+    if not any(octets):
+        raise ValueError("MAC address 00:00:00:00:00:00 is not a usable address")
+    return ":".join(f"{octet:02x}" for octet in octets)
+
+
+MacAddress = Annotated[str, AfterValidator(_mac)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+class PortNaming(_Strict):
+    """How a network OS names its data ports: `prefix` then a number, the first data port
+    numbered `first`, the next ones `step` apart (SONiC: Ethernet0, Ethernet4, ...)."""
+
+    prefix: InterfaceName
+    first: Annotated[int, Field(ge=0)] = 0
+    step: PositiveInt = 1
+
+    @field_validator("prefix")
+    @classmethod
+    def _no_digit_at_the_end(cls, value: str) -> str:
+        if value[-1].isdigit():
+            raise ValueError("a prefix ending in a digit makes port numbers ambiguous")
+        return value
+
+
+Stage = Literal["oob-mgmt", "exit", "superspine", "spine", "leaf", "tor", "host"]
+STAGE_ORDER: tuple[Stage, ...] = ("oob-mgmt", "exit", "superspine", "spine", "leaf", "tor", "host")
+"""The named stages in boot order (a lab's out-of-band management first, hosts last), as
+topology_converter orders its `function`s; a number is a stage too, and names count as
+10, 20, ... 70, so numbers can go between them."""
+
+
 class NodeSettings(_Strict):
     """Any node field; `defaults` holds one, and each node overrides it field by field."""
+
+    kind: NodeName | None = Field(
+        default=None, description="a preset from `kinds:` or a built-in kind (qlink/kinds.py)"
+    )
 
     memory: PositiveInt | None = Field(default=None, description="MiB of guest RAM")
     cpus: PositiveInt | None = None
@@ -123,6 +171,19 @@ class NodeSettings(_Strict):
         default=None,
         description="QEMU options appended last, screened against what qlink owns "
         "(qlink/screen.py)",
+    )
+    ports: PortNaming | None = Field(
+        default=None, description="how the guest names its data ports, which fixes their order"
+    )
+    mgmt_port: InterfaceName | None = Field(
+        default=None,
+        description="the guest's name for its first NIC, which it keeps for management",
+    )
+    stage: Stage | Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="boot stage: every node of an earlier stage is ready first"
+    )
+    depends_on: tuple[NodeName, ...] | None = Field(
+        default=None, description="nodes that must be ready before this one starts"
     )
 
     @field_validator("machine")
@@ -185,13 +246,15 @@ class Endpoint(_Strict):
 
 
 class Link(_Strict):
-    """A point-to-point cable; `ports` fixes each end's local UDP port, in endpoint order."""
+    """A point-to-point cable; `ports` fixes each end's local UDP port and `macs` each end's
+    MAC address (null: derived), in endpoint order."""
 
     endpoints: tuple[Endpoint, Endpoint]
     ports: tuple[UdpPort, UdpPort] | None = None
     impair: LinkImpairment | None = Field(
         default=None, description="delay, loss, rate...: both directions, or a_to_b / b_to_a"
     )
+    macs: tuple[MacAddress | None, MacAddress | None] | None = None
 
     @property
     def key(self) -> str:
@@ -215,6 +278,9 @@ class Topology(_Strict):
     """The file as written: what the user asked for, before defaults are applied."""
 
     name: LabName
+    kinds: dict[NodeName, NodeSettings] = Field(
+        default={}, description="named node presets; one named as a built-in kind extends it"
+    )
     defaults: NodeSettings = NodeSettings()
     nodes: dict[NodeName, NodeSettings] = Field(min_length=1)
     links: tuple[Link, ...] = ()
@@ -225,7 +291,13 @@ class Topology(_Strict):
         "itself: its QEMU stays, its guest resets), as a rebooting switch does; false: never",
     )
 
-    @field_validator("nodes", mode="before")
+    @cached_property
+    def merged(self) -> dict[str, NodeSettings]:
+        """Each node's settings with qlink's defaults, `defaults` and its kind applied
+        (`_merge`), made once: every cross-check reads them."""
+        return {name: _merge(self, settings) for name, settings in self.nodes.items()}
+
+    @field_validator("nodes", "kinds", mode="before")
     @classmethod
     def _empty_node_is_default(cls, value: Any) -> Any:
         # `spine1:` with nothing after it means "all defaults".
@@ -253,6 +325,22 @@ class Node(_Strict):
     ready: Readiness | None = None
     day0: DayZero | None = None
     extra_args: tuple[str, ...]
+    kind: str | None = None
+    ports: PortNaming | None = None
+    mgmt_port: str | None = None
+    stage: Stage | int | None = None
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def stage_rank(self) -> int | None:
+        return self.rank_of(self.stage)
+
+    @staticmethod
+    def rank_of(stage: str | int | None) -> int | None:
+        """The stage as a number: names count 10, 20, ... in `STAGE_ORDER`."""
+        if isinstance(stage, str):
+            return 10 * (STAGE_ORDER.index(stage) + 1)
+        return stage
 
 
 class Lab(_Strict):
@@ -270,9 +358,27 @@ class Lab(_Strict):
                 return link
         return None
 
+    def boot_waits(self) -> dict[str, frozenset[str]]:
+        """{node: the nodes that must be ready before it starts} (qlink/bootorder.py)."""
+        return bootorder.waits(
+            {
+                name: bootorder.Order(node.stage_rank, node.depends_on)
+                for name, node in self.nodes.items()
+            }
+        )
+
     def interfaces(self, node: str) -> list[str]:
         """The node's interface names, in the order of the file's links."""
         return [end.interface for link in self.links for end in link.endpoints if end.node == node]
+
+    def fixed_macs(self) -> dict[tuple[str, str], str]:
+        """{(node, interface): MAC} of every link end the file gives a MAC."""
+        return {
+            (end.node, end.interface): mac
+            for link in self.links
+            for end, mac in zip(link.endpoints, link.macs or (None, None), strict=True)
+            if mac is not None
+        }
 
 
 def _field_path(location: Location) -> str:
@@ -371,7 +477,7 @@ def _beyond_host(topology: Topology, lab: Lab, host: HostResources) -> list[tupl
         problem
         for name, settings in topology.nodes.items()
         for problem in beyond_host(
-            name, settings, _merge(topology.defaults, settings), lab.nodes[name].image, host
+            name, settings, topology.merged[name], lab.nodes[name].image, host
         )
     ]
 
@@ -389,8 +495,10 @@ def _cross_check(topology: Topology) -> Iterator[tuple[Location, str]]:
     """Rules that span fields: each yields the location to blame and what is wrong."""
     yield from _links_connect_once(topology)
     yield from _extra_args_screened(topology)
+    yield from _kinds_known(topology)
+    yield from _boot_order_acyclic(topology)
     for name, settings in topology.nodes.items():
-        merged = _merge(topology.defaults, settings)
+        merged = topology.merged[name]
         yield from beyond_qemu(name, settings, merged)
         yield from _boots_one_way(name, merged)
 
@@ -399,9 +507,11 @@ def _links_connect_once(topology: Topology) -> Iterator[tuple[Location, str]]:
     """Each link end is a known node's interface, and no interface or UDP port is used twice."""
     used_interfaces: dict[tuple[str, str], Location] = {}
     used_ports: dict[int, Location] = {}
+    used_macs: dict[str, Location] = {}
     for link_index, link in enumerate(topology.links):
         yield from _ends_known_and_free(topology, link_index, link, used_interfaces)
         yield from _ports_free(link_index, link, used_ports)
+        yield from _macs_free(link_index, link, used_macs)
 
 
 def _ends_known_and_free(
@@ -434,6 +544,92 @@ def _ports_free(
             yield where, f"UDP port {port} is already used by {_field_path(used_ports[port])}"
         else:
             used_ports[port] = where
+
+
+def _macs_free(
+    link_index: int, link: Link, used_macs: dict[str, Location]
+) -> Iterator[tuple[Location, str]]:
+    """The link's fixed MACs are ones no earlier end took (recorded here): two NICs with one
+    MAC in one lab confuse every switch and ARP cache between them."""
+    for end_index, mac in enumerate(link.macs or ()):
+        if mac is None:
+            continue
+        where: Location = ("links", link_index, "macs", end_index)
+        if mac in used_macs:
+            yield where, f"MAC {mac} is already used by {_field_path(used_macs[mac])}"
+        else:
+            used_macs[mac] = where
+
+
+def _kinds_known(topology: Topology) -> Iterator[tuple[Location, str]]:
+    """Every `kind:` names a kind of the file or a built-in one; a kind names no kind."""
+    from qlink.kinds import BUILTIN_KINDS  # noqa: PLC0415 (kinds imports this module)
+
+    known = sorted(set(topology.kinds) | set(BUILTIN_KINDS))
+    written: list[tuple[Location, NodeSettings]] = [(("defaults",), topology.defaults)]
+    written += [(("nodes", name), settings) for name, settings in topology.nodes.items()]
+    for where, settings in written:
+        if settings.kind is not None and kind_of(topology, settings.kind) is None:
+            yield (*where, "kind"), f"unknown kind {settings.kind!r} (kinds: {', '.join(known)})"
+    for name, kind in topology.kinds.items():
+        if kind.kind is not None:
+            yield ("kinds", name, "kind"), "a kind cannot name another kind"
+    ends: dict[str, list[tuple[Location, Endpoint]]] = defaultdict(list)
+    for index, link in enumerate(topology.links):
+        for end_index, end in enumerate(link.endpoints):
+            ends[end.node].append((("links", index, "endpoints", end_index), end))
+    for name in topology.nodes:
+        yield from _ports_fit(name, topology.merged[name], ends.get(name, []))
+
+
+def _ports_fit(
+    name: str, merged: NodeSettings, ends: Sequence[tuple[Location, Endpoint]]
+) -> Iterator[tuple[Location, str]]:
+    """A node whose kind names its ports uses names that kind has; its management port is
+    not cabled while qlink's management NIC takes that place."""
+    from qlink.plan.identity import kind_position  # noqa: PLC0415 (plan imports this module)
+
+    for where, end in ends:
+        if end.interface == merged.mgmt_port and merged.mgmt:
+            yield (
+                where,
+                (
+                    f"{end} is {name}'s management port, which its management NIC (mgmt: true) "
+                    "is: cable another port, or set mgmt: false"
+                ),
+            )
+        elif merged.ports is not None and end.interface != merged.mgmt_port:
+            naming = merged.ports
+            number = end.interface.removeprefix(naming.prefix)
+            if number.isdigit() and kind_position(end.interface, naming, None) is None:
+                yield (
+                    where,
+                    (
+                        f"{name} has no port {end.interface}: its ports are "
+                        f"{naming.prefix}{naming.first}, {naming.prefix}"
+                        f"{naming.first + naming.step}, ... ({merged.kind or 'ports'})"
+                    ),
+                )
+
+
+def _boot_order_acyclic(topology: Topology) -> Iterator[tuple[Location, str]]:
+    """`depends_on` names known nodes, and no node waits for itself through the others."""
+    orders: dict[str, bootorder.Order] = {}
+    for name in topology.nodes:
+        merged = topology.merged[name]
+        for index, other in enumerate(merged.depends_on or ()):
+            if other not in topology.nodes:
+                yield ("nodes", name, "depends_on", index), f"unknown node {other!r}"
+        rank = Node.rank_of(merged.stage)
+        orders[name] = bootorder.Order(rank, merged.depends_on or ())
+    found = bootorder.cycle(bootorder.waits(orders))
+    if found is not None:
+        first = found[0]
+        field = "depends_on" if topology.nodes[first].depends_on else "stage"
+        where: Location = ("nodes", first, field)
+        if getattr(topology.nodes[first], field) is None:
+            where = ("nodes", first)
+        yield where, f"boot order has a cycle: {' -> '.join(found)} (depends_on and stages)"
 
 
 def _extra_args_screened(topology: Topology) -> Iterator[tuple[Location, str]]:
@@ -489,7 +685,7 @@ def _with_day_zero(
     base = base if base.is_absolute() else Path.cwd() / base
     nodes = dict(lab.nodes)
     for name, settings in topology.nodes.items():
-        merged = _merge(topology.defaults, settings).model_dump(include=DAY_ZERO_FIELDS)
+        merged = topology.merged[name].model_dump(include=DAY_ZERO_FIELDS)
         # One level, as dayzero.merge_vars does (kept here: no Jinja2 import for validate).
         merged["vars"] = {**(topology.defaults.vars or {}), **(settings.vars or {})}
         own = settings.model_dump(include=DAY_ZERO_FIELDS)
@@ -499,11 +695,30 @@ def _with_day_zero(
     return lab.model_copy(update={"nodes": nodes})
 
 
-def _merge(defaults: NodeSettings, settings: NodeSettings) -> NodeSettings:
+def _merge(topology: Topology, settings: NodeSettings) -> NodeSettings:
+    """A node's settings: qlink's defaults, then the file's `defaults`, then its kind's (a
+    kind is chosen for this node, so it is more specific than the lab's defaults), then its
+    own. An unknown kind adds nothing here; `_kinds_known` reports it."""
+    kind_name = settings.kind or topology.defaults.kind
+    kind = kind_of(topology, kind_name) if kind_name is not None else None
     return NodeSettings.model_validate(
         BUILTIN_DEFAULTS.model_dump(exclude_none=True)
-        | defaults.model_dump(exclude_unset=True)
+        | topology.defaults.model_dump(exclude_unset=True)
+        | (kind.model_dump(exclude_unset=True) if kind is not None else {})
         | settings.model_dump(exclude_unset=True)
+    )
+
+
+def kind_of(topology: Topology, name: str) -> NodeSettings | None:
+    """The kind `name`: the file's, laid over the built-in kind of that name if any."""
+    from qlink.kinds import builtin_kind  # noqa: PLC0415 (kinds imports this module)
+
+    builtin = builtin_kind(name)
+    own = topology.kinds.get(name)
+    if builtin is None or own is None:
+        return own or builtin
+    return NodeSettings.model_validate(
+        builtin.model_dump(exclude_unset=True) | own.model_dump(exclude_unset=True)
     )
 
 
@@ -523,11 +738,12 @@ def _resolve(topology: Topology, source: str) -> Lab:
     base = Path(source).parent if source else Path(".")
     base = base if base.is_absolute() else Path.cwd() / base
     nodes: dict[str, Node] = {}
-    for name, settings in topology.nodes.items():
-        merged = _merge(topology.defaults, settings)
+    for name in topology.nodes:
+        merged = topology.merged[name]
         fields = merged.model_dump(exclude=DAY_ZERO_FIELDS)
         for path_field in ("kernel", "initrd", "image"):
             fields[path_field] = _anchor(fields[path_field], base)
+        fields["depends_on"] = fields["depends_on"] or ()
         nodes[name] = Node(name=name, **fields)
     return Lab(
         name=topology.name,

@@ -44,11 +44,39 @@ def instantiate(document_text: str, root: Path) -> Any:
     return json.loads(document_text.replace(ROOT_MARK, str(root)).replace(REPO_MARK, str(REPO)))
 
 
+IMPORT_DIR = REPO / "tests" / "data" / "import"
+IMPORT_GOLDEN_DIR = GOLDEN_DIR / "import"
+
+
+def import_sources() -> list[Path]:
+    """The DOT and containerlab files `qlinkctl import` converts in the golden tests."""
+    return sorted(IMPORT_DIR.glob("*.dot")) + sorted(IMPORT_DIR.glob("*.clab.yml"))
+
+
+def import_golden_path(source: Path) -> Path:
+    return IMPORT_GOLDEN_DIR / f"{source.name}.yaml"
+
+
+def render_import(source: Path) -> str:
+    """The qlink file `qlinkctl import SOURCE` writes (no --kinds)."""
+    from qlink.importers import convert, detect, to_qlink  # noqa: PLC0415
+
+    text = source.read_text()
+    kind = detect(source, text)
+    assert kind is not None
+    relative = str(source.relative_to(REPO))
+    return to_qlink(convert(text, relative, kind))[0]
+
+
 def main() -> None:
     GOLDEN_DIR.mkdir(exist_ok=True)
     for source in sources():
         golden_path(source).write_text(render(source))
         print(f"wrote {golden_path(source).relative_to(REPO)}")
+    IMPORT_GOLDEN_DIR.mkdir(exist_ok=True)
+    for source in import_sources():
+        import_golden_path(source).write_text(render_import(source))
+        print(f"wrote {import_golden_path(source).relative_to(REPO)}")
 
 
 if __name__ == "__main__":

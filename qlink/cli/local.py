@@ -54,13 +54,13 @@ def host_facts_for(lab: Lab) -> HostFacts:
 def cmd_validate(args: argparse.Namespace) -> int:
     """The file, and whether this host can run it: files there, memory, CPUs, images; and
     every node's day-0 documents rendered (their templates need the planned interfaces)."""
+    from qlink.cli.interop import load_any
     from qlink.host import host_resources
     from qlink.plan.lab import plan_lab
     from qlink.state import load_allocations
-    from qlink.topology import load_topology
 
     logs_to_stderr()
-    lab = load_topology(args.file, file_exists=file_exists, host=host_resources())
+    lab = load_any(args.file, args.kinds, file_exists=file_exists, host=host_resources())
     layout = layout_from(args.root)
     plan_lab(lab, layout, load_allocations(layout))
     links = len(lab.links)
@@ -69,15 +69,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from qlink.cli.interop import load_any
     from qlink.plan.argv import build_argv
     from qlink.plan.lab import plan_lab
     from qlink.plan.qdisc import lab_shaping
     from qlink.plan.render import lab_document, node_document
     from qlink.state import load_allocations
-    from qlink.topology import load_topology
 
     logs_to_stderr()
-    lab = load_topology(args.file)
+    lab = load_any(args.file, args.kinds)
     layout = layout_from(args.root)
     plan, _ = plan_lab(lab, layout, load_allocations(layout))
     host = host_facts_for(lab)

@@ -24,6 +24,7 @@ from qlink.cli.common import (
     UsageError,
     client_for,
 )
+from qlink.cli.interop import add_import_verb
 from qlink.cli.local import cmd_graph, cmd_host, cmd_plan, cmd_validate
 from qlink.cli.render import (
     carrier_text,
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from typing import Any, NoReturn
 
 
+KINDS_HELP = "for a DOT or containerlab file: kinds: {NAME: {image: ...}} to use"
+
 # --- commands -----------------------------------------------------------------------------
 
 
@@ -71,11 +74,16 @@ def _follow(args: argparse.Namespace, events: Iterator[dict[str, Any]]) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from qlink.sourcefile import read_topology_text
+    from qlink.sourcefile import foreign_format, read_topology_text
 
     path = Path(args.file).resolve()
-    # The same checks as `validate` (size, encoding), located, before the daemon is asked.
+    # The same checks as `validate` (size, encoding), located, before the daemon is asked;
+    # a DOT or containerlab file is converted here (qlink/importers/), the daemon sees YAML.
     text = read_topology_text(path)
+    if getattr(args, "kinds", None) or foreign_format(path, text) is not None:
+        from qlink.cli.interop import topology_text
+
+        text, _ = topology_text(str(path), args.kinds)
     query = "?dry_run=1" if args.dry_run else ""
     request = {"source": str(path), "text": text}
     if args.dry_run:
@@ -264,6 +272,39 @@ def cmd_ssh(args: argparse.Namespace) -> int:
     os.execv(ssh, argv)
 
 
+def _inventory_hosts(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
+    from qlink.cli.inventory import hosts_of
+
+    rows = client_for(args).get("/status")["nodes"]
+    hosts = hosts_of(rows, args.lab)
+    for row in rows:
+        if not row.get("ssh") and args.lab in (None, row["lab"]):
+            print(f"qlinkctl: {row['lab']}/{row['node']} has no SSH forward (mgmt: false): "
+                  "left out", file=sys.stderr)  # fmt: skip
+    key = layout_from(args.root).ssh_key
+    return hosts, (str(key) if os.access(key, os.R_OK) else None)
+
+
+def cmd_inventory(args: argparse.Namespace) -> int:
+    """An Ansible inventory of the running labs: each node's SSH forward, qlinkd's key."""
+    from qlink.cli import inventory
+
+    hosts, key = _inventory_hosts(args)
+    write = {"ini": inventory.inventory_ini, "yaml": inventory.inventory_yaml,
+             "json": inventory.inventory_json}[args.output]  # fmt: skip
+    sys.stdout.write(write(hosts, key, args.user))
+    return EXIT_OK
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    """`ssh -F <(qlinkctl ssh-config) NODE`: every node's SSH forward as ssh_config."""
+    from qlink.cli.inventory import ssh_config
+
+    hosts, key = _inventory_hosts(args)
+    sys.stdout.write(ssh_config(hosts, key, args.user))
+    return EXIT_OK
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     """What happens in the daemon, as it happens, until Ctrl-C (or --count events)."""
     query = f"?lab={args.lab}" if args.lab else ""
@@ -335,10 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a topology file")
     validate.add_argument("file")
+    validate.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     validate.set_defaults(handler=cmd_validate)
 
     plan = commands.add_parser("plan", help="print the exact QEMU argv; no daemon needed")
     plan.add_argument("file")
+    plan.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     plan.add_argument("node", nargs="?")
     plan.add_argument("-o", "--output", choices=("text", "json"), default="text")
     plan.set_defaults(handler=cmd_plan)
@@ -352,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     host.set_defaults(handler=cmd_host)
 
+    add_import_verb(commands)
     _add_daemon_verbs(commands)
     _add_operating_verbs(commands)
     _add_console_verbs(commands)
@@ -383,7 +427,8 @@ def _add_console_verbs(commands: Any) -> None:
 def _add_daemon_verbs(commands: Any) -> None:
     """The verbs that talk to qlinkd."""
     up = commands.add_parser("up", help="start a lab, or bring a running one to its file")
-    up.add_argument("file")
+    up.add_argument("file", help="a qlink file, or a DOT or containerlab file as it is")
+    up.add_argument("--kinds", metavar="FILE", help=KINDS_HELP)
     up.add_argument("-o", "--output", choices=("text", "json"), default="text")
     up.add_argument("-v", "--verbose", action="store_true", help="progress even off a terminal")
     up.add_argument(
@@ -465,6 +510,20 @@ def _add_operating_verbs(commands: Any) -> None:
     ssh.add_argument("-l", "--user", default="root")
     ssh.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND...")
     ssh.set_defaults(handler=cmd_ssh)
+
+    inventory = commands.add_parser(
+        "inventory", help="an Ansible inventory of the running labs (groups: lab, kind, stage)"
+    )
+    inventory.add_argument("lab", nargs="?", help="only this lab")
+    inventory.add_argument("-o", "--output", choices=("ini", "yaml", "json"), default="ini")
+    inventory.add_argument("-l", "--user", default="root")
+    inventory.set_defaults(handler=cmd_inventory)
+    ssh_config = commands.add_parser(
+        "ssh-config", help="ssh_config for every node: ssh -F <(qlinkctl ssh-config) NODE"
+    )
+    ssh_config.add_argument("lab", nargs="?", help="only this lab")
+    ssh_config.add_argument("-l", "--user", default="root")
+    ssh_config.set_defaults(handler=cmd_ssh_config)
 
     graph = commands.add_parser("graph", help="the topology as a picture (DOT; SVG/PNG with dot)")
     graph.add_argument(

@@ -31,7 +31,13 @@ def progress_line(event: dict[str, Any]) -> str | None:
             or "nothing to change")]  # fmt: skip
         for verb in verbs:
             lines += [f"  {verb} {node}: {why}" for node, why in event[verb].items()]
+        if event.get("boot_order"):
+            waves = "; ".join(f"{n}. {', '.join(wave)}" for n, wave in
+                              enumerate(event["boot_order"], start=1))  # fmt: skip
+            lines.append(f"  boot order: {waves}")
         return "\n".join(lines)
+    if kind == "boot_wait":
+        return f"  {event['node']}: waits for {', '.join(event['waits_for'])} to be ready"
     if kind == "node_state":
         return f"  {event['node']}: {node_state_text(event)}"
     return None

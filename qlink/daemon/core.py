@@ -26,7 +26,7 @@ from qlink.daemon.labs import LabRuntime, Labs
 from qlink.daemon.records import LabRecord, LabStore
 from qlink.daemon.stopscan import scan_stopped
 from qlink.daemon.views import link_row, link_rows, status_rows
-from qlink.daemon.waiting import wait_ready
+from qlink.daemon.waiting import boot_order, start_after, wait_ready
 from qlink.errors import Conflict, Invalid, NotFound, NotRunning, PortInUseError, QlinkError
 from qlink.limits import HostResources
 from qlink.plan.argv import HostFacts, build_argv, nic_device_options, nic_netdev_arguments
@@ -184,7 +184,11 @@ class Daemon:
                 set(current.record.stopped) if current is not None else set(),
                 plan, argvs, self.host,
             )  # fmt: skip
-            summary = {"event": "plan", "lab": lab.name, **change.as_dict()}
+            summary: dict[str, Any] = {"event": "plan", "lab": lab.name, **change.as_dict()}
+            waits = lab.boot_waits()
+            order = boot_order(waits, sorted(change.start))
+            if len(order) > 1:
+                summary["boot_order"] = order
             if dry_run:
                 yield summary
                 yield {"event": "done", "lab": lab.name, "failed": {}, "dry_run": True}
@@ -212,15 +216,51 @@ class Daemon:
                         waiting[name] = runtime.supervisors[name].submit("restart")
                 for name in change.restart:
                     waiting[name] = runtime.supervisors[name].submit("restart")
-                for name in change.start:
-                    supervisor = runtime.supervisors.get(name) or self._spawn_supervisor(
-                        runtime, plan.nodes[name], None, want_running=False
-                    )
-                    waiting[name] = supervisor.submit("start")
+                self._start_in_order(runtime, plan, order, waits, waiting)
                 async for update in _progress(lab.name, waiting, updates):
                     if update["event"] == "done":
                         await self._carrier_settled(runtime)
                     yield update
+
+    def _start_in_order(
+        self,
+        lab: LabRuntime,
+        plan: LabPlan,
+        order: list[list[str]],
+        waits: dict[str, frozenset[str]],
+        waiting: dict[str, asyncio.Future[VmStatus]],
+    ) -> None:
+        """Start the nodes of `order` (boot waves), each once those it waits for are ready;
+        `waiting` gets each node's start."""
+        for name in (node for wave in order for node in wave):
+            if name not in lab.supervisors:
+                self._spawn_supervisor(lab, plan.nodes[name], None, want_running=False)
+        for name in (node for wave in order for node in wave):  # a node after its own
+            waiting[name] = self._start_after_others(lab, name, waits, waiting)
+
+    def _start_after_others(
+        self,
+        lab: LabRuntime,
+        name: str,
+        waits: dict[str, frozenset[str]],
+        starting: dict[str, asyncio.Future[VmStatus]],
+    ) -> asyncio.Future[VmStatus]:
+        """The node's start, after the nodes it waits for (a task of its own: a client that
+        goes away does not stop the lab coming up in order)."""
+        others = {
+            other: (lab.supervisors[other], starting.get(other))
+            for other in waits.get(name, frozenset())
+            if other in lab.supervisors
+        }
+        if not others:
+            return lab.supervisors[name].submit("start")
+
+        def announce(names: list[str]) -> None:
+            self.events.publish("boot_wait", lab=lab.name, node=name, waits_for=names)
+
+        task = asyncio.ensure_future(start_after(lab.supervisors[name], others, announce))
+        _quietly(task)
+        return task
 
     async def _carrier_settled(self, lab: LabRuntime) -> None:
         """Let the lab's carrier catch up before `up` answers, so that `links` then shows

@@ -31,6 +31,8 @@ def status_rows(labs: Labs, host: HostFacts) -> list[dict[str, Any]]:
                     "accel": host.accel_for(plan.node.accel),
                     "ports": {nic.interface: nic.local_port for nic in plan.nics},
                     "ssh": f"{mgmt.host_address}:{mgmt.ssh_port}" if mgmt is not None else None,
+                    "kind": plan.node.kind,
+                    "stage": plan.node.stage,
                     "qmp": str(plan.paths.qmp_socket),
                     "console": str(plan.paths.console_socket),
                 }

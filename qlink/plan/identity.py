@@ -28,8 +28,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qlink.topology import PortNaming
 
 ROOT_BUS = "pcie.0"
 MGMT_SLOT = 0x01
@@ -89,12 +93,40 @@ def natural_position(interface: str) -> int | None:
     return number if number < POSITION_CAPACITY else None
 
 
-def assign_positions(interfaces: Iterable[str], remembered: Mapping[str, int]) -> dict[str, int]:
+def kind_position(interface: str, naming: PortNaming | None, mgmt_port: str | None) -> int | None:
+    """The position a node's kind gives an interface, or None when it gives none.
+
+    Without port naming, the name's trailing number (`natural_position`). With it, data
+    port k (`prefix` + `first` + k * `step`: swp1, Ethernet4, ...) sits at position k, or
+    k + 1 when the kind keeps the first NIC for management (`mgmt_port`), whose name then
+    takes position 0. Positions are the guest's probe order, so the guest numbers its
+    ports as the file names them, with holes where a port is not cabled.
+    """
+    if mgmt_port is not None and interface == mgmt_port:
+        return 0
+    if naming is None:
+        return natural_position(interface)
+    digits = interface.removeprefix(naming.prefix)
+    if digits == interface or not digits.isdigit():
+        return None
+    index, rest = divmod(int(digits) - naming.first, naming.step)
+    position = index + (1 if mgmt_port is not None else 0)
+    if index < 0 or rest or position >= POSITION_CAPACITY:
+        return None
+    return position
+
+
+def assign_positions(
+    interfaces: Iterable[str],
+    remembered: Mapping[str, int],
+    natural: Callable[[str], int | None] = natural_position,
+) -> dict[str, int]:
     """Give each interface of one node a position.
 
-    A remembered position is kept; otherwise a name ending in a number takes that number if
-    it is free (ties go to the name that sorts first); every other name takes the highest
-    free position, which keeps the low numbers free for port-numbered names added later.
+    A remembered position is kept; otherwise a name with a natural position (by default its
+    trailing number; a kind's port naming, `kind_position`) takes it if it is free (ties go
+    to the name that sorts first); every other name takes the highest free position, which
+    keeps the low numbers free for port-numbered names added later.
     """
     wanted = sorted(set(interfaces))
     if len(wanted) > POSITION_CAPACITY:
@@ -107,14 +139,14 @@ def assign_positions(interfaces: Iterable[str], remembered: Mapping[str, int]) -
             assigned[name] = position
             taken.add(position)
     numbered = sorted(
-        (natural, name)
+        (wanted_at, name)
         for name in wanted
-        if name not in assigned and (natural := natural_position(name)) is not None
+        if name not in assigned and (wanted_at := natural(name)) is not None
     )
-    for natural, name in numbered:
-        if natural not in taken:
-            assigned[name] = natural
-            taken.add(natural)
+    for wanted_at, name in numbered:
+        if wanted_at not in taken:
+            assigned[name] = wanted_at
+            taken.add(wanted_at)
     for name in wanted:
         if name not in assigned:
             position = _highest_free(taken)
@@ -138,11 +170,20 @@ def _highest_free(taken: set[int]) -> int:
         bridges += 1
 
 
-def mac_address(lab: str, node: str, interface: str) -> str:
+def mac_address(lab: str, node: str, interface: str, avoid: Collection[str] = frozenset()) -> str:
     """A locally administered unicast MAC derived from the interface's full name.
 
     40 bits of hash behind a fixed 02 first octet: collisions within one lab are
-    astronomically unlikely, and the plan still refuses one if it happens.
+    astronomically unlikely, and the plan still refuses one if it happens. A derived MAC
+    that is in `avoid` (the lab's fixed MACs) is derived again with a counter, so a MAC the
+    file fixes for one interface is never given to another; still a function of the file.
     """
-    digest = hashlib.sha256(f"qlink\0{lab}\0{node}\0{interface}".encode()).digest()
-    return ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
+    salt = 0
+    while True:
+        suffix = f"\0{salt}" if salt else ""
+        key = f"qlink\0{lab}\0{node}\0{interface}{suffix}"
+        digest = hashlib.sha256(key.encode()).digest()
+        mac = ":".join(f"{byte:02x}" for byte in (0x02, *digest[:5]))
+        if mac not in avoid:
+            return mac
+        salt += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from qlink.dayzero import Interface, Seed
@@ -25,6 +26,7 @@ from qlink.plan.identity import (
     PciPlace,
     assign_positions,
     bridges_needed,
+    kind_position,
     mac_address,
     place_of,
 )
@@ -195,6 +197,8 @@ def plan_lab(
         avoid=busy_tcp,
     )
 
+    fixed_macs = lab.fixed_macs()
+    avoid = frozenset(fixed_macs.values())
     positions: dict[str, int] = {}
     nodes: dict[str, NodePlan] = {}
     day0_issues: list[ConfigIssue] = []
@@ -206,7 +210,11 @@ def plan_lab(
             if (position := previous.positions.get(port_key(lab.name, name, interface))) is not None
         }
         try:
-            node_positions = assign_positions(interfaces, remembered)
+            node_positions = assign_positions(
+                interfaces,
+                remembered,
+                partial(kind_position, naming=node.ports, mgmt_port=node.mgmt_port),
+            )
         except ValueError as error:
             raise PlanError(f"node {name} of {lab.source}: {error}") from error
         positions.update(
@@ -219,7 +227,8 @@ def plan_lab(
             nics.append(
                 NicPlan(
                     interface=end.interface,
-                    mac=mac_address(lab.name, name, end.interface),
+                    mac=fixed_macs.get((name, end.interface))
+                    or mac_address(lab.name, name, end.interface, avoid),
                     position=node_positions[end.interface],
                     place=place_of(node_positions[end.interface]),
                     local_port=udp_ports[port_key(lab.name, name, end.interface)],
@@ -230,7 +239,7 @@ def plan_lab(
         nics.sort(key=lambda nic: nic.position)
         mgmt = (
             MgmtPlan(
-                mac=mac_address(lab.name, name, MGMT_KEY),
+                mac=mac_address(lab.name, name, MGMT_KEY, avoid),
                 ssh_port=ssh_ports[port_key(lab.name, name, "ssh")],
                 ssh_credential=layout.ssh_credential,
             )
@@ -298,5 +307,5 @@ def _refuse_mac_collisions(nodes: dict[str, NodePlan]) -> None:
             named.append((plan.mgmt.mac, f"{plan.name} management NIC"))
         for mac, owner in named:
             if mac in seen:
-                raise PlanError(f"MAC {mac} derived for both {seen[mac]} and {owner}")
+                raise PlanError(f"MAC {mac} is both {seen[mac]}'s and {owner}'s")
             seen[mac] = owner
