@@ -176,6 +176,26 @@ def ping_loss(output: str) -> tuple[int, int]:
 
 
 def test_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
+    try:
+        run_frr_clos(qlinkd, short_root)
+    except AssertionError:
+        print_diagnostics(short_root)
+        raise
+
+
+def print_diagnostics(root: Path) -> None:
+    """What a failure needs explained, before teardown deletes the root: each guest's last
+    console lines (its own view of the boot) and the daemon's status."""
+    for node in NODES:
+        log = root / "lib" / "labs" / LAB / "nodes" / node / "console.log"
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
+        print(f"\n--- {node} console, last lines ---\n" + "\n".join(tail))
+    for log in sorted(root.glob("**/qlinkd*.log")):
+        print(f"\n--- {log.name}, last lines ---\n"
+              + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))  # fmt: skip
+
+
+def run_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
     test_started = time.monotonic()
     require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 is not installed")
     require(IMAGE.is_file(), f"the lab image is not built: {IMAGE} (run guest/build-image)")
