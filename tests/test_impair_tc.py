@@ -33,6 +33,7 @@ from tests.conftest import require
 
 A, B = 20001, 20002
 C, D = 20003, 20004  # a second cable, never impaired
+OTHER_CABLE = f"other cable {C}<->{D} round trip"
 
 
 def _root_with_tc() -> None:
@@ -216,10 +217,13 @@ async def test_rate_shapes_exactly_the_sending_socket(netns: str) -> None:
 
 # --- what netem does to the datagrams (where the kernel has it) ---------------------------
 
-DELAY_TOLERANCE_MS = 2.0
-"""On a median's increment over the baseline measured in the same run: netem's timer is an
-hrtimer, so the error is the scheduling of the receiving process, which a slow (TCG) guest
-stretches to a millisecond or so."""
+EARLY_MS = 0.5
+LATE_MS = 2.0
+"""How far a median's increment over the baseline (measured in the same run) may fall short
+of the delay set, and overshoot it per delayed direction: netem sends no frame before its
+time, so only the medians' noise can make it short; a frame leaves when netem's timer has
+fired and the receiver has been scheduled, which a slow guest stretches: 0.6-1.2 ms per
+direction measured in the Debian image under TCG (tests/guest/test_netem_vm.py)."""
 PINGS = 100
 JITTER_PINGS = 200
 LOSS_DATAGRAMS = 1000
@@ -265,14 +269,21 @@ def one_way_ms(netns: str, a: int, b: int, count: int = PINGS) -> tuple[list[flo
     result = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-c", ECHO_PROBE, str(count), str(a),
          str(b)],
-        capture_output=True, text=True, check=True, timeout=60 + count,
+        capture_output=True, text=True, check=False, timeout=60 + count,
     )  # fmt: skip
+    assert result.returncode == 0, result.stderr
     pairs = json.loads(result.stdout)
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def assert_added(what: str, got: float, want: float, delayed: int = 1) -> None:
+    """`got` ms added where `want` ms was set, over `delayed` delayed directions (none: the
+    path is not impaired, and only the medians' noise may show)."""
+    assert want - EARLY_MS <= got <= want + (LATE_MS * delayed or EARLY_MS), (what, want, got)
 
 
 def rtt_ms(netns: str, a: int, b: int) -> float:
@@ -296,14 +307,14 @@ async def test_delay_is_added_per_direction_and_only_there(netem: str) -> None:
             median([x + y for x, y in zip(there, back, strict=True)])
             - median([x + y for x, y in zip(base_there, base_back, strict=True)]),
         ),
-        f"other cable {C}<->{D} round trip": (0.0, other - base_other),
+        OTHER_CABLE: (0.0, other - base_other),
     }
     print(f"\nFIGURE netem delay, median of {PINGS} (baseline one-way "
           f"{median(base_there):.3f}/{median(base_back):.3f} ms): "
           + ", ".join(f"{k} set {want:g} ms, added {got:.2f} ms"
                       for k, (want, got) in added.items()))  # fmt: skip
     for what, (want, got) in added.items():
-        assert abs(got - want) <= DELAY_TOLERANCE_MS, (what, want, got)
+        assert_added(what, got, want, delayed={"round trip": 2, OTHER_CABLE: 0}.get(what, 1))
 
 
 async def test_jitter_spreads_the_delay(netem: str) -> None:
@@ -320,7 +331,7 @@ async def test_jitter_spreads_the_delay(netem: str) -> None:
           f"uniform: 5), 5-95% {p5:.2f}-{p95:.2f} ms (uniform: 15.5-24.5), "
           f"min {added[0]:.2f}, max {added[-1]:.2f}, stdev {statistics.stdev(added):.2f} ms "
           "(uniform: 2.89)")  # fmt: skip
-    assert abs(q2 - 20.0) <= DELAY_TOLERANCE_MS, q2
+    assert_added("median", q2, 20.0)
     assert abs((q3 - q1) - 5.0) <= 1.0, (q1, q3)  # sampling error of the IQR: ~0.4 ms
     assert min(there) >= 15.0, min(there)  # netem never sends before its time
     assert p5 <= 17.0, p5
@@ -333,7 +344,7 @@ LOSS_PROBE = textwrap.dedent(
     count, a_port, b_port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     def bound(port, peer):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 1 << 22)
+        s.setsockopt(socket.SOL_SOCKET, 33, 1 << 22)  # SO_RCVBUFFORCE (root): no overflow
         s.bind(("127.0.0.1", port))
         s.connect(("127.0.0.1", peer))
         s.setblocking(False)
@@ -364,8 +375,9 @@ def received(netns: str, a: int, b: int) -> dict[str, int]:
     result = subprocess.run(
         ["ip", "netns", "exec", netns, sys.executable, "-c", LOSS_PROBE, str(LOSS_DATAGRAMS),
          str(a), str(b)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True, text=True, check=False, timeout=120,
     )  # fmt: skip
+    assert result.returncode == 0, result.stderr
     counts: dict[str, int] = json.loads(result.stdout)
     return counts
 
@@ -394,5 +406,5 @@ async def test_clearing_restores_the_rtt(netem: str) -> None:
     cleared = await asyncio.to_thread(rtt_ms, netem, A, B)
     print(f"\nFIGURE netem clear: RTT median {base:.3f} ms before, {impaired:.3f} ms with "
           f"20+5 ms, {cleared:.3f} ms after removal")  # fmt: skip
-    assert abs(impaired - base - 25.0) <= DELAY_TOLERANCE_MS, (base, impaired)
-    assert abs(cleared - base) <= DELAY_TOLERANCE_MS, (base, cleared)
+    assert_added("impaired", impaired - base, 25.0, delayed=2)
+    assert_added("cleared", cleared - base, 0.0, delayed=0)
