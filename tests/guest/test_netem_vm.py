@@ -135,8 +135,9 @@ def test_netem_measured_inside_the_lab_image(qlinkd: StartDaemon, short_root: Pa
     result = daemon.ctl("ssh", "vm", "--", inside_script(trees), timeout=INSIDE_TIMEOUT)
     output = result.stdout + result.stderr
     figures["pytest inside the guest"] = f"{time.monotonic() - inside:.1f} s"
-    print("\n--- inside the guest ---\n" + output + "--- end ---")
     assert result.returncode == 0, output
+    kernel = re.search(r"^(\d+\.\d+\S*)$", output, re.MULTILINE)
+    figures["guest kernel"] = kernel.group(1) if kernel else "?"
     summary = output.strip().splitlines()[-1]
     assert re.search(rf"\b{EXPECTED_PASSED} passed\b", summary), summary
     assert not re.search(r"skipped|failed|error|xfail|xpass", summary), summary
