@@ -2,14 +2,21 @@
 own (its `lo` is the one changed, so the host's is never touched): the qdisc plan applied,
 read back, re-applied, cleaned up; a foreign root qdisc refused; a rate measured with UDP
 sockets bound as qlink binds a cable's ends; every netem rendering accepted by tc; and the
-message without CAP_NET_ADMIN. Needs root and iproute2 (both in CI); about a second."""
+message without CAP_NET_ADMIN. Needs root and iproute2 (both in CI); about a second.
+
+Where the kernel has netem, the same sockets measure what netem does: one-way delay added
+per direction, jitter's spread, loss over 1,000 datagrams, and removal restoring the RTT.
+This host's kernel has none, so those skip here; tests/guest/test_netem_vm.py runs this file
+inside the Debian lab image (kernel 6.1 with sch_netem), where none may skip."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -25,6 +32,8 @@ from qlink.runtime.impair import NEEDS_NET_ADMIN, NO_NETEM, TcError, TrafficCont
 from tests.conftest import require
 
 A, B = 20001, 20002
+C, D = 20003, 20004  # a second cable, never impaired
+OTHER_CABLE = f"other cable {C}<->{D} round trip"
 
 
 def _root_with_tc() -> None:
@@ -204,3 +213,198 @@ async def test_rate_shapes_exactly_the_sending_socket(netns: str) -> None:
     assert abs(rates["shaped"] - expected) <= 0.1 * expected, rates
     assert rates["reverse"] > 2 * expected, rates
     assert rates["same port, other address"] > 2 * expected, rates
+
+
+# --- what netem does to the datagrams (where the kernel has it) ---------------------------
+
+EARLY_MS = 0.5
+LATE_MS = 2.0
+"""How far a median's increment over the baseline (measured in the same run) may fall short
+of the delay set, and overshoot it per delayed direction: netem sends no frame before its
+time, so only the medians' noise can make it short; a frame leaves when netem's timer has
+fired and the receiver has been scheduled, which a slow guest stretches: 0.6-1.2 ms per
+direction measured in the Debian image under TCG (tests/guest/test_netem_vm.py)."""
+PINGS = 100
+JITTER_PINGS = 200
+LOSS_DATAGRAMS = 1000
+
+
+@pytest.fixture
+def netem(netns: str) -> str:
+    if not netem_available():
+        pytest.skip(NO_NETEM)
+    return netns
+
+
+ECHO_PROBE = textwrap.dedent(
+    """\
+    import json, socket, sys, time
+    count, a_port, b_port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    def bound(port, peer):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", port))
+        s.connect(("127.0.0.1", peer))
+        s.settimeout(5)
+        return s
+    a, b = bound(a_port, b_port), bound(b_port, a_port)
+    out = []
+    for i in range(count):
+        payload = i.to_bytes(4, "big") * 16
+        t0 = time.monotonic_ns()
+        a.send(payload)
+        assert b.recv(2048) == payload
+        t1 = time.monotonic_ns()
+        b.send(payload)
+        assert a.recv(2048) == payload
+        t2 = time.monotonic_ns()
+        out.append(((t1 - t0) / 1e6, (t2 - t1) / 1e6))
+    print(json.dumps(out))
+    """
+)
+
+
+def one_way_ms(netns: str, a: int, b: int, count: int = PINGS) -> tuple[list[float], list[float]]:
+    """One-way delays a->b and b->a in ms, datagram by datagram: the two sockets, bound as a
+    cable's two ends, are in one process, so one clock times both directions."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", ECHO_PROBE, str(count), str(a),
+         str(b)],
+        capture_output=True, text=True, check=False, timeout=60 + count,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    pairs = json.loads(result.stdout)
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def assert_added(what: str, got: float, want: float, delayed: int = 1) -> None:
+    """`got` ms added where `want` ms was set, over `delayed` delayed directions (none: the
+    path is not impaired, and only the medians' noise may show)."""
+    assert want - EARLY_MS <= got <= want + (LATE_MS * delayed or EARLY_MS), (what, want, got)
+
+
+def rtt_ms(netns: str, a: int, b: int) -> float:
+    there, back = one_way_ms(netns, a, b)
+    return median([x + y for x, y in zip(there, back, strict=True)])
+
+
+async def test_delay_is_added_per_direction_and_only_there(netem: str) -> None:
+    base_there, base_back = await asyncio.to_thread(one_way_ms, netem, A, B)
+    base_other = await asyncio.to_thread(rtt_ms, netem, C, D)
+    await TrafficControl(netem).apply(
+        {A: shaped(A, delay="20ms"), B: shaped(B, delay="5ms")}, set()
+    )
+    there, back = await asyncio.to_thread(one_way_ms, netem, A, B)
+    other = await asyncio.to_thread(rtt_ms, netem, C, D)
+    added = {
+        f"{A}->{B}": (20.0, median(there) - median(base_there)),
+        f"{B}->{A}": (5.0, median(back) - median(base_back)),
+        "round trip": (
+            25.0,
+            median([x + y for x, y in zip(there, back, strict=True)])
+            - median([x + y for x, y in zip(base_there, base_back, strict=True)]),
+        ),
+        OTHER_CABLE: (0.0, other - base_other),
+    }
+    print(f"\nFIGURE netem delay, median of {PINGS} (baseline one-way "
+          f"{median(base_there):.3f}/{median(base_back):.3f} ms): "
+          + ", ".join(f"{k} set {want:g} ms, added {got:.2f} ms"
+                      for k, (want, got) in added.items()))  # fmt: skip
+    for what, (want, got) in added.items():
+        assert_added(what, got, want, delayed={"round trip": 2, OTHER_CABLE: 0}.get(what, 1))
+
+
+async def test_jitter_spreads_the_delay(netem: str) -> None:
+    """delay 20ms jitter 5ms (uniform, netem's default): every delay between 15 and 25 ms,
+    the middle half 5 ms wide."""
+    base, _ = await asyncio.to_thread(one_way_ms, netem, A, B)
+    await TrafficControl(netem).apply({A: shaped(A, delay="20ms", jitter="5ms")}, set())
+    there, _ = await asyncio.to_thread(one_way_ms, netem, A, B, JITTER_PINGS)
+    added = sorted(x - median(base) for x in there)
+    q1, q2, q3 = statistics.quantiles(added, n=4)
+    p5, p95 = added[len(added) // 20], added[-len(added) // 20]
+    print(f"\nFIGURE netem jitter, delay 20ms jitter 5ms uniform, {JITTER_PINGS} datagrams: "
+          f"added median {q2:.2f} ms, quartiles {q1:.2f}-{q3:.2f} ms (IQR {q3 - q1:.2f}, "
+          f"uniform: 5), 5-95% {p5:.2f}-{p95:.2f} ms (uniform: 15.5-24.5), "
+          f"min {added[0]:.2f}, max {added[-1]:.2f}, stdev {statistics.stdev(added):.2f} ms "
+          "(uniform: 2.89)")  # fmt: skip
+    assert_added("median", q2, 20.0)
+    assert abs((q3 - q1) - 5.0) <= 1.0, (q1, q3)  # sampling error of the IQR: ~0.4 ms
+    assert min(there) >= 15.0, min(there)  # netem never sends before its time
+    assert p5 <= 17.0, p5
+    assert p95 >= 23.0, p95
+
+
+LOSS_PROBE = textwrap.dedent(
+    """\
+    import json, socket, sys, time
+    count, a_port, b_port = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    def bound(port, peer):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, 33, 1 << 22)  # SO_RCVBUFFORCE (root): no overflow
+        s.bind(("127.0.0.1", port))
+        s.connect(("127.0.0.1", peer))
+        s.setblocking(False)
+        return s
+    def drain(rx):
+        got = 0
+        while True:
+            try:
+                rx.recv(2048)
+            except BlockingIOError:
+                return got
+            got += 1
+    def through(tx, rx):
+        got = 0
+        for i in range(count):
+            tx.send(i.to_bytes(4, "big") * 16)
+            got += drain(rx)
+        time.sleep(0.5)
+        return got + drain(rx)
+    a, b = bound(a_port, b_port), bound(b_port, a_port)
+    print(json.dumps({"sent": count, "forward": through(a, b), "reverse": through(b, a)}))
+    """
+)
+
+
+def received(netns: str, a: int, b: int) -> dict[str, int]:
+    """LOSS_DATAGRAMS sent a->b, then b->a; how many each receiver got."""
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", LOSS_PROBE, str(LOSS_DATAGRAMS),
+         str(a), str(b)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    counts: dict[str, int] = json.loads(result.stdout)
+    return counts
+
+
+async def test_loss_over_1000_datagrams(netem: str) -> None:
+    """loss 10% on a->b: the count lost is binomial (n 1000, p 0.1: mean 100, sigma 9.5);
+    within 4 sigma, a false failure once in ~16,000 runs. b->a loses nothing."""
+    await TrafficControl(netem).apply({A: shaped(A, loss="10%")}, set())
+    counts = await asyncio.to_thread(received, netem, A, B)
+    lost = counts["sent"] - counts["forward"]
+    sigma = (LOSS_DATAGRAMS * 0.1 * 0.9) ** 0.5
+    print(f"\nFIGURE netem loss, set 10% on {A}->{B}: {lost} of {counts['sent']} lost "
+          f"({100 * lost / counts['sent']:.1f} %; 4 sigma {4 * sigma:.0f}), reverse lost "
+          f"{counts['sent'] - counts['reverse']}")  # fmt: skip
+    assert abs(lost - 100) <= 4 * sigma, counts
+    assert counts["reverse"] == counts["sent"], counts
+
+
+async def test_clearing_restores_the_rtt(netem: str) -> None:
+    base = await asyncio.to_thread(rtt_ms, netem, A, B)
+    control = TrafficControl(netem)
+    await control.apply({A: shaped(A, delay="20ms"), B: shaped(B, delay="5ms")}, set())
+    impaired = await asyncio.to_thread(rtt_ms, netem, A, B)
+    await control.apply({}, {A, B})  # what `qlinkctl link set ... --clear` leads to
+    assert (await control.state()).root == "none"
+    cleared = await asyncio.to_thread(rtt_ms, netem, A, B)
+    print(f"\nFIGURE netem clear: RTT median {base:.3f} ms before, {impaired:.3f} ms with "
+          f"20+5 ms, {cleared:.3f} ms after removal")  # fmt: skip
+    assert_added("impaired", impaired - base, 25.0, delayed=2)
+    assert_added("cleared", cleared - base, 0.0, delayed=0)
