@@ -13,6 +13,7 @@ import enum
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -337,8 +338,12 @@ async def _launch(
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
         stale.unlink(missing_ok=True)
     log_start = paths.qemu_log.stat().st_size if paths.qemu_log.exists() else 0
+    # The launch's timeline (monotonic seconds), logged with `qemu_spawned`: where a boot
+    # storm's time goes (spawn, QMP listening, greeting and capabilities).
+    marks = {"launch": time.monotonic()}
     with watcher.expecting(paths.console_socket) as console_created:
         pid = await _spawn_with_links(argv, paths.qemu_log, links)
+        marks["spawned"] = time.monotonic()
         process = _child(pid, argv)
         try:
             async with asyncio.timeout(timeout):
@@ -356,7 +361,9 @@ async def _launch(
                         status.returncode,
                         _tail(paths.qemu_log, log_start),
                     )
+                marks["listening"] = time.monotonic()
                 qmp = await QmpSession.connect(qmp_name, paths.qmp_socket, timeout)
+                marks["qmp_ready"] = time.monotonic()
         except BaseException as error:
             # QEMU makes its chardevs before its devices: one that refuses a device (or its
             # memory) exits right after QMP listened. Its exit and its own words are the
@@ -380,7 +387,7 @@ async def _launch(
                     _tail(paths.qemu_log, log_start),
                 ) from error
             raise
-    log.info("qemu_spawned", pid=pid, argv=list(argv))
+    log.info("qemu_spawned", pid=pid, argv=list(argv), marks=marks)
     return process, qmp
 
 
