@@ -96,6 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the booting sizes also timed until every guest is ready",
     )
     parser.add_argument("--storm-runs", type=int, help="runs of the boot-storm figures")
+    parser.add_argument(
+        "--qlinkd-arg", action="append", default=[], metavar="ARG",
+        help="pass ARG to qlinkd (repeatable; e.g. --qlinkd-arg=--vm-nice=0 to compare)",
+    )  # fmt: skip
     parser.add_argument("--idle-nodes", type=int, help="the idle lab's size (one of --sizes)")
     parser.add_argument("--cpu-window", type=float, metavar="SECONDS", help="idle CPU window")
     parser.add_argument("--port-base", type=int, help="first UDP port of the generated labs")
@@ -109,7 +113,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "runs": args.runs, "sizes": args.sizes, "boot_sizes": args.boot_sizes,
         "ready_sizes": args.ready_sizes, "storm_runs": args.storm_runs,
         "idle_nodes": args.idle_nodes, "cpu_window": args.cpu_window,
-        "port_base": args.port_base,
+        "port_base": args.port_base, "daemon_args": tuple(args.qlinkd_arg) or None,
     }  # fmt: skip
     changes = {key: value for key, value in given.items() if value is not None}
     return dataclasses.replace(settings, **changes)
@@ -128,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         else (REPO / "BENCHMARKS.md", REPO / "bench" / "bringup.png")
     )
     output, plot = args.output or default_output, args.plot or default_plot
-    results = Results(machine=describe_machine(), mode=settings.mode)
+    results = Results(
+        machine=describe_machine(), mode=settings.mode, daemon_args=settings.daemon_args
+    )
     progress(f"{settings.mode} run, load {results.machine.load_at_start[0]:.2f}")
     # Short: unix socket paths under it must stay within 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="qlb-", dir="/tmp"))  # the run's roots go in here

@@ -203,6 +203,13 @@ async def launch(nodes: Sequence[BareNode], timeout: float) -> dict[str, int]:
     return {child.node.name: child.pid for child in children}
 
 
+def _reap(pidfd: int) -> None:
+    """The launcher runs in the benchmark's process, so its QEMUs are our children: reap one
+    that exited (WNOHANG: it has), or it stays a zombie until the benchmark exits."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+
+
 async def kill_and_wait(pid: int, timeout: float) -> None:
     """SIGKILL a process that may not be our child, and wait until it is gone."""
     try:
@@ -222,6 +229,7 @@ async def kill_and_wait(pid: int, timeout: float) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         async with asyncio.timeout(timeout):
             await gone
+        _reap(pidfd)
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)

@@ -81,6 +81,7 @@ def machine_section(results: Results) -> list[str]:
         ["kernel", machine.kernel],
         ["Python", machine.python],
         ["qlink commit", machine.commit],
+        ["qlinkd arguments", " ".join(["--log-format json", *results.daemon_args])],
         ["load average at start (1, 5, 15 min)", load],
         ["total run time", f"{results.total_seconds / 60:.1f} min"],
     ]

@@ -151,6 +151,7 @@ class Machine:
 class Results:
     machine: Machine
     mode: str
+    daemon_args: tuple[str, ...] = ()
     bringup: list[BringupPoint] = field(default_factory=list)
     restart: RestartResult | None = None
     idle: IdleResult | None = None

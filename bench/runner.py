@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -91,6 +92,8 @@ class Settings:
     port_base: int
     launch_timeout: float = 900.0
     guest_timeout: float = 900.0
+    daemon_args: tuple[str, ...] = ()
+    """Extra qlinkd arguments, to compare a setting (`--qlinkd-arg`)."""
 
     @classmethod
     def full(cls, kernel: Path) -> Settings:
@@ -159,7 +162,7 @@ class Bench:
 
     async def start_daemon(self, *extra: str) -> float:
         await self.daemon.stop()
-        self.daemon = Qlinkd(self.root, [*DAEMON_ARGS, *extra])
+        self.daemon = Qlinkd(self.root, [*DAEMON_ARGS, *self.settings.daemon_args, *extra])
         return await self.daemon.start()
 
     async def plan(self, topology: Path, name: str) -> tuple[Path, dict[str, Any]]:
@@ -592,6 +595,8 @@ class Bench:
     async def _paused(self) -> None:
         settings = self.settings
         labs = labs_for(list(settings.sizes), settings.port_base)
+        if not labs:
+            return  # a reduced run without paused labs
         async with self.section("warm-up"):
             await self.warm_up(labs[min(labs)])
         for size, lab in sorted(labs.items()):
@@ -630,6 +635,19 @@ class Bench:
         return leftovers
 
 
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        awaited: Any = task.get_coro()
+        chain = []
+        while awaited is not None and hasattr(awaited, "cr_frame"):
+            frame = awaited.cr_frame
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None)
+        chain.append(repr(awaited)[:200])
+        print(f"task {task.get_name()}:\n  " + "\n  ".join(chain), file=sys.stderr)
+
+
 def _run_summary(point: BringupPoint) -> str:
     qlink = f"{point.qlink.values[-1]:.2f} s" if point.qlink else "failed"
     text = f"qlink up {qlink}, bare {point.bare.values[-1]:.2f} s"
@@ -642,6 +660,9 @@ def _run_summary(point: BringupPoint) -> str:
 async def run_bench(settings: Settings, results: Results, top: Path) -> None:
     """Run every measurement under `top`, then tear down everything started there."""
     progress(f"root: {top}")
+    # `kill -USR1 PID` prints what every task of the run waits on: a run that seems stuck
+    # says where.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     bench = Bench(settings, results, top)
     started = time.perf_counter()
     try:

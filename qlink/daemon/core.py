@@ -81,7 +81,7 @@ class Daemon:
         """Adopt what runs, then run supervisors until cancelled (the VMs stay up)."""
         watcher = CreationWatcher() if self._runtime is None else None
         if watcher is not None:
-            self._runtime = VmRuntime(watcher)
+            self._runtime = VmRuntime(watcher, vm_nice=self.settings.vm_nice)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
