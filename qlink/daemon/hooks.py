@@ -39,13 +39,7 @@ class DaemonHooks:
         self._labs = labs
 
     async def check_ports(self, plan: NodePlan) -> None:
-        # The NICs' UDP ports need no probe here: the launch binds each itself before QEMU
-        # starts (`runtime/links.py`), and a held one fails it with a PortInUseError naming
-        # the holder, as this check would. Probing them first cost a worker-thread hop per VM
-        # (a boot storm of 20: the slowest VM's check ended ~85 ms after it began). Only the
-        # management port, which QEMU binds itself, is probed: one bind, here on the loop.
-        if plan.mgmt is not None:
-            check_tcp_port_free(plan.mgmt.host_address, plan.mgmt.ssh_port)
+        await asyncio.to_thread(check_node_ports, plan)
 
     async def prepare_files(self, plan: NodePlan) -> None:
         if plan.node.image is not None and await create_overlay(
