@@ -195,7 +195,11 @@ class Verdict:
     @property
     def word(self) -> str:
         word = {True: "met", False: "not met", None: "not measured"}[self.met]
-        return f"{word} ({self.missing} not measured)" if self.missing and self.met else word
+        return (
+            f"{word} ({self.missing} not measured)"
+            if self.missing and self.met is not None
+            else word
+        )
 
 
 def _per_size(
