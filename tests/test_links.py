@@ -247,3 +247,28 @@ def test_a_spawn_runs_the_child_nice_steps_below_us_with_its_later_threads(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
     assert log.read_text().split() == [str(min(own + 5, 19))] * 2
+
+
+def test_a_spawn_lowers_the_childs_autogroup_when_the_kernel_groups_sessions(
+    tmp_path: Path,
+) -> None:
+    """With autogroups on, a task's nice weighs only within its session: QEMU's session
+    (its own) gets the nice instead."""
+    switch = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if not switch.exists() or switch.read_text().strip() != "1":
+        pytest.skip("the kernel does not group tasks by session (autogroup off)")
+    read_end, write_end = os.pipe()
+    try:
+        pid = _spawn(
+            [sys.executable, "-c", "import os; os.fdopen(3).read()"], tmp_path / "log",
+            [(read_end, 3)], nice=5,
+        )  # fmt: skip
+    finally:
+        os.close(read_end)
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text()
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+    assert group.split()[-1] == "5", group
+    assert group.split()[0] != Path("/proc/self/autogroup").read_text().split()[0]

@@ -218,18 +218,27 @@ def _spawn(
     return pid
 
 
+AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
 def _lower_priority(pid: int, nice: int) -> None:
     """QEMU `nice` steps below qlinkd, so that in a boot storm qlinkd gets the CPU first
     (its QMP round trips, its replies) and the guests take what is left, which is nearly all.
 
     posix_spawn has no nice attribute, so it is set right after: on the process group (QEMU
     leads its own session), which reaches every thread QEMU has by then (Linux nice is per
-    thread), and the threads it makes later inherit it. Best effort: a QEMU that died already
-    is its supervisor's business, and a nice we may not set costs only the priority.
+    thread), and the threads it makes later inherit it. With the scheduler's autogroups on
+    (the default of most distributions' kernels), a task's nice weighs only against its own
+    session, and QEMU's session is its own: there the session's autogroup gets the nice (all
+    its threads, now and later). Best effort: a QEMU that died already is its supervisor's
+    business, and a nice we may not set costs only the priority.
     """
     with contextlib.suppress(OSError):
         own = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PGRP, pid, min(own + nice, MAX_NICE))
+    with contextlib.suppress(OSError):
+        if AUTOGROUP_SWITCH.read_text().strip() == "1":
+            Path(f"/proc/{pid}/autogroup").write_text(f"{min(nice, MAX_NICE)}\n")
 
 
 async def _spawn_with_links(
