@@ -82,6 +82,7 @@ def machine_section(results: Results) -> list[str]:
         ["Python", machine.python],
         ["qlink commit", machine.commit],
         ["qlinkd arguments", " ".join(["--log-format json", *results.daemon_args])],
+        ["sizes measured", _sizes_measured(results)],
         ["load average at start (1, 5, 15 min)", load],
         ["total run time", f"{results.total_seconds / 60:.1f} min"],
     ]
@@ -90,6 +91,19 @@ def machine_section(results: Results) -> list[str]:
     if results.status_empty:
         rows.append(["`qlinkctl status -o json`, no lab up", seconds(results.status_empty, "ms")])
     return ["## Machine", "", *_table(["", ""], rows)]
+
+
+def _sizes_measured(results: Results) -> str:
+    def listed(sizes: list[int]) -> str:
+        return ", ".join(str(n) for n in sizes) or "none"
+
+    paused = [p.nodes for p in results.bringup if p.workload == "paused" and p.qlink]
+    booting = [p.nodes for p in results.bringup if p.workload == "booting" and p.qlink]
+    ready = [p.nodes for p in results.bringup if p.bare_ready]
+    return (
+        f"paused N = {listed(paused)}; booting N = {listed(booting)}; until every guest is "
+        f"ready N = {listed(ready)}"
+    )
 
 
 def targets_section(results: Results) -> list[str]:
