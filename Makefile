@@ -38,7 +38,7 @@ guest:
 demo:
 	$(PYTHON) -m labdriver.demo
 
-# qlink against bare QEMU; writes BENCHMARKS.md and bench/bringup.png (~10 min on 2 cores).
+# qlink against the physical limit; writes BENCHMARKS.md and bench/bringup.png (~23 min on 2 cores).
 bench:
 	$(PYTHON) -m bench
 

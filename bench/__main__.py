@@ -1,7 +1,9 @@
 """`python -m bench`: qlink against the physical limit, written to BENCHMARKS.md.
 
-    python -m bench                 # the full run (N = 20, 50, 100, 200; real guests)
-    python -m bench --quick         # laptop-sized (N = 4, 8; no guests unless --guest)
+    python -m bench                 # the full run (paused N = 20, 50, 100, 200; booting
+                                    # N = 20, 50, 100, ready at 20, 50; a 20-guest boot storm)
+    python -m bench --quick         # laptop-sized (paused N = 4, 8; booting N = 4)
+    python -m bench --sizes 20 --boot-sizes 20 --ready-sizes 20 --runs 7   # a reduced run
 
 Exit status: 0 when every measurement completed (whether or not it met its target), 1 when
 one failed (the report says which), 130 on Ctrl-C (after tearing everything down).
@@ -60,6 +62,8 @@ def describe_machine() -> Machine:
 
 
 def _sizes(text: str) -> tuple[int, ...]:
+    if not text:
+        return ()  # none of that kind
     try:
         sizes = tuple(int(item) for item in text.split(","))
     except ValueError:
@@ -72,7 +76,6 @@ def _sizes(text: str) -> tuple[int, ...]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the laptop-sized run")
-    parser.add_argument("--guest", action="store_true", help="run the real-guest figure in --quick")
     parser.add_argument(
         "--output", type=Path, help="the report (BENCHMARKS.md; --quick: bench/quick-report.md)"
     )
@@ -81,8 +84,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, help="runs per bring-up size")
     parser.add_argument(
-        "--sizes", type=_sizes, metavar="N,N...", help="the bring-up lab sizes (a profiling run)"
+        "--sizes", type=_sizes, metavar="N,N...", help="the paused bring-up lab sizes"
     )
+    parser.add_argument(
+        "--boot-sizes", type=_sizes, metavar="N,N...", help="the booting bring-up lab sizes"
+    )
+    parser.add_argument(
+        "--ready-sizes",
+        type=_sizes,
+        metavar="N,N...",
+        help="the booting sizes also timed until every guest is ready",
+    )
+    parser.add_argument("--storm-runs", type=int, help="runs of the boot-storm figures")
+    parser.add_argument(
+        "--qlinkd-arg", action="append", default=[], metavar="ARG",
+        help="pass ARG to qlinkd (repeatable; e.g. --qlinkd-arg=--vm-nice=0 to compare)",
+    )  # fmt: skip
+    parser.add_argument("--idle-nodes", type=int, help="the idle lab's size (one of --sizes)")
     parser.add_argument("--cpu-window", type=float, metavar="SECONDS", help="idle CPU window")
     parser.add_argument("--port-base", type=int, help="first UDP port of the generated labs")
     parser.add_argument("--keep-root", action="store_true", help="keep the root (logs) at the end")
@@ -91,18 +109,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     settings = Settings.quick(GUEST_KERNEL) if args.quick else Settings.full(GUEST_KERNEL)
-    changes: dict[str, object] = {}
-    if args.quick and args.guest:
-        changes["guest"] = True
-    if args.runs is not None:
-        changes["runs"] = args.runs
-    if args.sizes is not None:
-        changes["sizes"] = args.sizes
-    if args.cpu_window is not None:
-        changes["cpu_window"] = args.cpu_window
-    if args.port_base is not None:
-        changes["port_base"] = args.port_base
-    return dataclasses.replace(settings, **changes)  # type: ignore[arg-type]
+    given = {
+        "runs": args.runs, "sizes": args.sizes, "boot_sizes": args.boot_sizes,
+        "ready_sizes": args.ready_sizes, "storm_runs": args.storm_runs,
+        "idle_nodes": args.idle_nodes, "cpu_window": args.cpu_window,
+        "port_base": args.port_base, "daemon_args": tuple(args.qlinkd_arg) or None,
+    }  # fmt: skip
+    changes = {key: value for key, value in given.items() if value is not None}
+    return dataclasses.replace(settings, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         else (REPO / "BENCHMARKS.md", REPO / "bench" / "bringup.png")
     )
     output, plot = args.output or default_output, args.plot or default_plot
-    results = Results(machine=describe_machine(), mode=settings.mode)
+    results = Results(
+        machine=describe_machine(), mode=settings.mode, daemon_args=settings.daemon_args
+    )
     progress(f"{settings.mode} run, load {results.machine.load_at_start[0]:.2f}")
     # Short: unix socket paths under it must stay within 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="qlb-", dir="/tmp"))  # the run's roots go in here
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(results, output, plot)
     progress(f"report: {output}, plot: {plot}")
     for verdict in verdicts(results):
-        print(f"{verdict.word:>4}  {verdict.target}: {verdict.measured}")
+        print(f"{verdict.figure} ({verdict.target}): {verdict.measured}: {verdict.word}")
     for name, message in results.errors.items():
         print(f"FAILED {name}: {message.splitlines()[0] if message else ''}")
     return 1 if results.errors else 0

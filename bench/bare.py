@@ -3,17 +3,15 @@
 It starts the very argv `qlinkctl plan FILE -o json` prints, all at once, and waits for each
 QEMU's QMP greeting; nothing else (no port checks, no state files, no supervision). The argv
 names each NIC's socket by descriptor number, so it opens those sockets as qlink does (bound,
-connected to the peer, placed at the planned number: `qlink.runtime.links`, which imports
-nothing heavy) and closes its copies once QEMU has them. Like
-`qlinkctl`, it is a command of its own, so both sides pay for starting a Python process:
+connected to the peer, placed at the planned number: `qlink.runtime.links`) and closes its
+copies once QEMU has them.
 
-    python -m bench.bare up PLAN.json                 # every node of the plan
-    python -m bench.bare restart PLAN.json NODE PID   # SIGKILL PID, relaunch NODE's argv
-
-Each prints one JSON object on stdout: the QEMU PIDs it started and the seconds it spent after
-its imports. QEMU runs in a session of its own, as under qlinkd, and outlives the launcher; the
-benchmark kills it by PID. A launch is all or nothing: if one QEMU exits before it greets,
-every QEMU this invocation started is killed and the launcher exits 1 with QEMU's output.
+It runs inside the benchmark's own process (`launch`, `kill_and_wait`), with its imports done
+and its event loop running before any clock starts: what is left is what no launcher can
+avoid. (qlink's side is `qlinkctl`, a command, as users meet it: it pays its interpreter.)
+QEMU runs in a session of its own, as under qlinkd; the benchmark kills it by PID. A launch is
+all or nothing: if one QEMU exits before it greets, every QEMU this launch started is killed
+and `BareError` carries QEMU's output.
 
 Readiness is an event, as in qlink: QEMU creates its chardev sockets in command-line order and
 the plan puts QMP before the console, so a refused connect (the QMP socket is bound but not yet
@@ -23,14 +21,10 @@ creation guarantees.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
-import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,12 +75,6 @@ class BareNode:
                 LinkSocket.parse(nic["fd"], nic["local"], nic["remote"]) for nic in document["nics"]
             ),
         )
-
-
-def load_plan(path: Path) -> dict[str, BareNode]:
-    """The nodes of a `qlinkctl plan FILE -o json` document, by name."""
-    document = json.loads(path.read_text(encoding="utf-8"))
-    return {name: BareNode.from_plan(name, node) for name, node in document["nodes"].items()}
 
 
 class Child:
@@ -215,6 +203,13 @@ async def launch(nodes: Sequence[BareNode], timeout: float) -> dict[str, int]:
     return {child.node.name: child.pid for child in children}
 
 
+def _reap(pidfd: int) -> None:
+    """The launcher runs in the benchmark's process, so its QEMUs are our children: reap one
+    that exited (WNOHANG: it has), or it stays a zombie until the benchmark exits."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+
+
 async def kill_and_wait(pid: int, timeout: float) -> None:
     """SIGKILL a process that may not be our child, and wait until it is gone."""
     try:
@@ -234,47 +229,14 @@ async def kill_and_wait(pid: int, timeout: float) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         async with asyncio.timeout(timeout):
             await gone
+        _reap(pidfd)
     finally:
         loop.remove_reader(pidfd)
         os.close(pidfd)
 
 
-def _errors(group: BaseException) -> str:
-    if isinstance(group, BaseExceptionGroup):
-        return "\n".join(_errors(inner) for inner in group.exceptions)
-    return str(group) or type(group).__name__
-
-
-async def _main(args: argparse.Namespace, started: float) -> dict[str, Any]:
-    nodes = load_plan(Path(args.plan))
-    if args.verb == "up":
-        pids = await launch(list(nodes.values()), args.timeout)
-    else:
-        await kill_and_wait(args.pid, args.timeout)
-        pids = await launch([nodes[args.node]], args.timeout)
-    return {"pids": pids, "seconds": time.perf_counter() - started}
-
-
-def main(argv: list[str] | None = None) -> int:
-    started = time.perf_counter()
-    parser = argparse.ArgumentParser(prog="python -m bench.bare", description=__doc__)
-    parser.add_argument("--timeout", type=float, default=300.0)
-    verbs = parser.add_subparsers(dest="verb", required=True)
-    up = verbs.add_parser("up", help="start every node of a plan and wait for QMP")
-    up.add_argument("plan")
-    restart = verbs.add_parser("restart", help="SIGKILL a node's QEMU, relaunch, wait for QMP")
-    restart.add_argument("plan")
-    restart.add_argument("node")
-    restart.add_argument("pid", type=int)
-    args = parser.parse_args(argv)
-    try:
-        result = asyncio.run(_main(args, started))
-    except (BareError, TimeoutError, OSError, BaseExceptionGroup) as error:
-        print(f"bench.bare: {_errors(error)}", file=sys.stderr)
-        return 1
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+def describe(error: BaseException) -> str:
+    """Every message of an error or an exception group, one a line."""
+    if isinstance(error, BaseExceptionGroup):
+        return "\n".join(describe(inner) for inner in error.exceptions)
+    return str(error) or type(error).__name__

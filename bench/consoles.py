@@ -64,7 +64,13 @@ class ReadyWatch:
                     self._read(node)
                 while len(self._ready) < len(self.logs):
                     event = await anext(aiter(self._inotify))
-                    if event.path is not None and (changed := by_path.get(event.path)):
+                    if event.mask & Mask.Q_OVERFLOW:
+                        # QEMU writes a console log a byte at a time, one event each: booting
+                        # guests can overflow the queue (16384 events) while this process
+                        # waits for the CPU. Events were lost, so every log is read again.
+                        for node in self.logs:
+                            self._read(node)
+                    elif event.path is not None and (changed := by_path.get(event.path)):
                         self._read(changed)
         except TimeoutError:
             missing = sorted(set(self.logs) - set(self._ready))

@@ -126,14 +126,17 @@ class Qlinkd:
         result = await run_timed([*qlinkctl_command(), "--root", str(self.root), *argv], timeout)
         return result.check() if check else result
 
-    async def get_seconds(self, path: str) -> float:
-        """One GET on the control socket from this process: the daemon's share of a command,
-        without the interpreter start-up and imports a `qlinkctl` pays."""
+    async def get_seconds(self, path: str, method: str = "GET") -> float:
+        """One request on the control socket from this process: the daemon's share of a
+        command, without the interpreter start-up and imports a `qlinkctl` pays."""
         started = time.perf_counter()
         control = Layout.under(self.root).control_socket
         reader, writer = await asyncio.open_unix_connection(str(control))
         try:
-            request = f"GET /v1{path} HTTP/1.1\r\nHost: qlink\r\nConnection: close\r\n\r\n"
+            length = "Content-Length: 0\r\n" if method == "POST" else ""
+            request = (
+                f"{method} /v1{path} HTTP/1.1\r\nHost: qlink\r\n{length}Connection: close\r\n\r\n"
+            )
             writer.write(request.encode())
             await writer.drain()
             status_line = await reader.readline()
@@ -143,7 +146,7 @@ class Qlinkd:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
         if b" 200 " not in status_line:
-            raise BenchError(f"GET {path}: {status_line!r}")
+            raise BenchError(f"{method} {path}: {status_line!r}")
         return time.perf_counter() - started
 
     async def status(self) -> list[dict[str, Any]]:
@@ -154,9 +157,10 @@ class Qlinkd:
 class LogFollower:
     """Reads a JSON-lines log as it grows; `wait_for` returns once enough lines match."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, from_end: bool = False) -> None:
+        """`from_end`: only lines written from now on count."""
         self.path = path
-        self._offset = 0
+        self._offset = path.stat().st_size if from_end and path.exists() else 0
         self._partial = b""
 
     def _new_events(self) -> list[dict[str, Any]]:

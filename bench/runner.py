@@ -1,13 +1,16 @@
 """The measurements, in one run on one machine: qlink against the bare launcher.
 
-Order of work, each lab size in turn:
+Order of work:
 
-    bring-up N     runs alternate which side goes first; every run is torn down
-    restart        in the restart-sized lab, left up by its last bring-up run
-    daemon cost    in the idle-sized lab, likewise; then the same VMs re-adopted by a
-                   qlinkd with the liveness probe effectively off, to show what it costs
-    real guests    configs/clos.yaml booting under TCG, both sides
+    bring-up, paused   each size: runs alternate which side goes first; every run is torn down
+    restart            in the restart-sized paused lab, left up by its last bring-up run
+    daemon cost        in the idle-sized lab, likewise; then the same VMs re-adopted by a
+                       qlinkd with the liveness probe effectively off, to show what it costs
+    bring-up, booting  the test guest booting; for the ready sizes, until every guest is ready
+    boot storm         `qlinkctl status` and `restart` while the storm's guests boot
 
+The bare launcher (`bench.bare.launch`) runs inside this process, its imports done before any
+clock starts: the physical limit is spawning the argv and waiting for each QMP greeting.
 qlink and the bare launcher share one root (so their argv, paths and ports are the same) and
 never run at once. Everything started is torn down at the end, even on failure or Ctrl-C.
 """
@@ -19,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import bare
 from bench.consoles import ReadyWatch
 from bench.daemon import LogFollower, Qlinkd
 from bench.procs import (
@@ -34,39 +39,42 @@ from bench.procs import (
     cpu_seconds,
     kill_all,
     memory_bytes,
-    python_command,
     qemu_under,
     run_timed,
 )
 from bench.results import (
     BringupPoint,
-    GuestResult,
     IdleFigures,
     IdleResult,
     RestartResult,
     Results,
+    StormResult,
 )
+from bench.timeline import lab_timelines, summarise
 from bench.topology import BenchLab, chunked, labs_for
 from qlink.policy import Liveness
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIVENESS = Liveness().interval  # what qlinkd runs with when not told
 QUIET_LIVENESS = 3600.0
-# qlinkd's stop ladder starts with an ACPI power-down, which a VM paused by -S never sees:
-# teardown would wait the full power-down timeout. The benchmark goes straight to `quit`.
-DAEMON_ARGS = ("--powerdown-timeout", "0")
+# qlinkd as it ships: the stop ladder's ACPI step is skipped for a paused VM by qlinkd itself,
+# so `down` of a paused lab is measured as users meet it. Booting labs go down with --force.
+DAEMON_ARGS: tuple[str, ...] = ()
 EXIT_UNREACHABLE = 3  # qlinkctl's exit status when qlinkd does not answer
 RESTART_PID = re.compile(r"running pid (\d+)")
 # The idle figure's fallback when its lab cannot come up in one `up`: labs of this size, on
 # ports past every bring-up lab's block.
 IDLE_PART = 100
 PART_PORT_OFFSET = 1600
+BOOT_PORT_OFFSET = 3200  # the booting labs' block, past the paused labs' and the parts'
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
     mode: str
     sizes: tuple[int, ...]
+    boot_sizes: tuple[int, ...]
+    ready_sizes: tuple[int, ...]
     runs: int
     restart_nodes: int
     restart_runs: int
@@ -76,31 +84,33 @@ class Settings:
     status_runs: int
     fixed_runs: int
     quiet_liveness: bool
-    guest: bool
-    guest_runs: int
+    storm_nodes: int
+    storm_runs: int
+    storm_status: int
     memory: int
     kernel: Path
-    guest_config: Path
     port_base: int
     launch_timeout: float = 900.0
-    guest_timeout: float = 600.0
+    guest_timeout: float = 900.0
+    daemon_args: tuple[str, ...] = ()
+    """Extra qlinkd arguments, to compare a setting (`--qlinkd-arg`)."""
 
     @classmethod
     def full(cls, kernel: Path) -> Settings:
         return cls(
-            mode="full", sizes=(20, 50, 100, 200), runs=7, restart_nodes=100, restart_runs=5,
-            idle_nodes=200, cpu_window=60.0, settle=5.0, status_runs=20, fixed_runs=10,
-            quiet_liveness=True, guest=True, guest_runs=2, memory=32, kernel=kernel,
-            guest_config=REPO / "configs" / "clos.yaml", port_base=28000,
+            mode="full", sizes=(20, 50, 100, 200), boot_sizes=(20, 50, 100), ready_sizes=(20, 50),
+            runs=7, restart_nodes=20, restart_runs=7, idle_nodes=200, cpu_window=60.0,
+            settle=5.0, status_runs=20, fixed_runs=10, quiet_liveness=True, storm_nodes=20,
+            storm_runs=7, storm_status=5, memory=32, kernel=kernel, port_base=28000,
         )  # fmt: skip
 
     @classmethod
     def quick(cls, kernel: Path) -> Settings:
         return cls(
-            mode="quick", sizes=(4, 8), runs=2, restart_nodes=8, restart_runs=3,
-            idle_nodes=8, cpu_window=5.0, settle=1.0, status_runs=10, fixed_runs=3,
-            quiet_liveness=False, guest=False, guest_runs=1, memory=32, kernel=kernel,
-            guest_config=REPO / "configs" / "clos.yaml", port_base=28000,
+            mode="quick", sizes=(4, 8), boot_sizes=(4,), ready_sizes=(), runs=2,
+            restart_nodes=4, restart_runs=2, idle_nodes=8, cpu_window=5.0, settle=1.0,
+            status_runs=10, fixed_runs=3, quiet_liveness=False, storm_nodes=4, storm_runs=1,
+            storm_status=3, memory=32, kernel=kernel, port_base=28000,
         )  # fmt: skip
 
 
@@ -117,6 +127,14 @@ def _nodes_of(document: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return nodes
 
 
+def _bare_nodes(document: dict[str, Any]) -> dict[str, bare.BareNode]:
+    return {name: bare.BareNode.from_plan(name, node) for name, node in _nodes_of(document).items()}
+
+
+def _console_logs(document: dict[str, Any]) -> dict[str, Path]:
+    return {name: Path(node["paths"]["console_log"]) for name, node in _nodes_of(document).items()}
+
+
 class Bench:
     """One benchmark run: its root, its qlinkd, and everything it has up at any moment."""
 
@@ -131,6 +149,8 @@ class Bench:
         self.labs_up: set[str] = set()
         self.bare_pids: set[int] = set()
         self.previous_death = ""
+        self.lab_kinds: dict[str, str] = {}
+        """Lab name → its timeline's heading ("paused N=20"), for the labs qlink brought up."""
 
     def _next_root(self) -> Path:
         root = self.top / f"r{self.roots}"
@@ -142,11 +162,11 @@ class Bench:
 
     async def start_daemon(self, *extra: str) -> float:
         await self.daemon.stop()
-        self.daemon = Qlinkd(self.root, [*DAEMON_ARGS, *extra])
+        self.daemon = Qlinkd(self.root, [*DAEMON_ARGS, *self.settings.daemon_args, *extra])
         return await self.daemon.start()
 
     async def plan(self, topology: Path, name: str) -> tuple[Path, dict[str, Any]]:
-        """`qlinkctl plan FILE -o json` on the benchmark's root, saved for the bare launcher."""
+        """`qlinkctl plan FILE -o json` on the benchmark's root, saved for reference."""
         document: dict[str, Any] = json.loads(
             (await self.daemon.ctl("plan", str(topology), "-o", "json")).stdout
         )
@@ -157,6 +177,7 @@ class Bench:
     def write_lab(self, lab: BenchLab) -> Path:
         path = self.root / f"{lab.name}.yaml"
         path.write_text(lab.yaml(self.settings.kernel, self.settings.memory))
+        self.lab_kinds[lab.name] = f"{lab.workload} N={lab.nodes}"
         return path
 
     def assert_quiet(self) -> None:
@@ -167,7 +188,7 @@ class Bench:
     async def qlink_up(
         self, topology: Path, lab: str, nodes: int, alone: bool = True
     ) -> tuple[float, float]:
-        """`qlinkctl up FILE` then `qlinkctl status -o json`: (both, up alone) in seconds.
+        """`qlinkctl up FILE` then `qlinkctl status -o json`: (up alone, both) in seconds.
 
         `alone`: no other VM of ours may run (a timed run); False for a lab added to others."""
         if alone:
@@ -180,10 +201,11 @@ class Bench:
         states = {row["node"]: row["state"] for row in rows}
         if len(rows) != nodes or set(states.values()) != {"running"}:
             raise BenchError(f"after `up`, status of {lab} is not all running: {states}")
-        return total, up.seconds
+        return up.seconds, total
 
-    async def qlink_down(self, lab: str) -> float:
-        result = await self.daemon.ctl("down", lab, timeout=self.settings.launch_timeout)
+    async def qlink_down(self, lab: str, force: bool = False) -> float:
+        flags = ("--force",) if force else ()
+        result = await self.daemon.ctl("down", *flags, lab, timeout=self.settings.launch_timeout)
         self.labs_up.discard(lab)
         return result.seconds
 
@@ -211,20 +233,29 @@ class Bench:
         if busy:
             raise BenchError(f"UDP ports of the plan are in use by someone else: {busy}")
 
-    async def bare_up(
-        self, plan: Path, document: dict[str, Any]
-    ) -> tuple[float, float, dict[str, int]]:
-        """The bare launcher on the plan: (wall seconds, its own seconds, PIDs)."""
+    async def bare_up(self, document: dict[str, Any]) -> tuple[float, dict[str, int]]:
+        """The in-process launcher on the plan: (seconds until every greeting, PIDs).
+
+        The checks come before the clock: the launcher itself checks nothing."""
         self.assert_quiet()
         self.check_ports_free(document)
-        result = await run_timed(
-            [*python_command("bench.bare"), "up", str(plan)], self.settings.launch_timeout
-        )
-        result.check()
-        report = json.loads(result.stdout)
-        pids: dict[str, int] = report["pids"]
+        nodes = list(_bare_nodes(document).values())
+        started = time.perf_counter()
+        try:
+            pids = await bare.launch(nodes, self.settings.launch_timeout)
+        except (bare.BareError, BaseExceptionGroup) as error:
+            raise BenchError(f"bare launch: {bare.describe(error)}") from None
+        seconds = time.perf_counter() - started
         self.bare_pids.update(pids.values())
-        return result.seconds, float(report["seconds"]), pids
+        return seconds, pids
+
+    async def bare_restart(self, document: dict[str, Any], node: str, pid: int) -> int:
+        """SIGKILL one node's QEMU, wait until it is gone, relaunch its argv: the new PID."""
+        await bare.kill_and_wait(pid, self.settings.launch_timeout)
+        self.bare_pids.discard(pid)
+        new = await bare.launch([_bare_nodes(document)[node]], self.settings.launch_timeout)
+        self.bare_pids.add(new[node])
+        return new[node]
 
     async def bare_down(self) -> None:
         await kill_all(self.bare_pids, self.top)
@@ -241,7 +272,7 @@ class Bench:
         died = not self.daemon.alive
         if not died:
             for lab in sorted(self.labs_up):
-                await self.daemon.ctl("down", lab, timeout=300, check=False)
+                await self.daemon.ctl("down", "--force", lab, timeout=300, check=False)
         self.labs_up.clear()
         await self.bare_down()
         if died:
@@ -280,24 +311,25 @@ class Bench:
     async def warm_up(self, lab: BenchLab) -> None:
         """One untimed run of each side: the kernel file and Python's caches get warm."""
         topology = self.write_lab(lab)
-        plan, document = await self.plan(topology, lab.name)
+        _, document = await self.plan(topology, lab.name)
         await self.qlink_up(topology, lab.name, lab.nodes)
-        await self.qlink_down(lab.name)
-        await self.bare_up(plan, document)
+        await self.qlink_down(lab.name, force=lab.booting)
+        await self.bare_up(document)
         await self.bare_down()
 
-    async def bringup(self, lab: BenchLab, keep_up: bool) -> None:
-        point = BringupPoint(lab.nodes)
+    async def bringup(self, lab: BenchLab, keep_up: bool, ready: bool) -> None:
+        point = BringupPoint(lab.nodes, lab.workload)
         self.results.bringup.append(point)
         topology = self.write_lab(lab)
-        plan, document = await self.plan(topology, lab.name)
+        _, document = await self.plan(topology, lab.name)
         # Untimed: the first launch of N VMs runs slower than the ones after it, whoever makes
         # it (measured at N=200: the bare launcher 0.9, 1.3 and 3.0 s slower than its median
         # in three runs; qlink 1.6 to 1.9 s, three times out of three when it went first), and
         # it would land on whichever side went first.
-        point.first_launch, _, _ = await self.bare_up(plan, document)
+        point.first_launch, _ = await self.bare_up(document)
         await self.bare_down()
-        progress(f"bring-up N={lab.nodes} first launch (bare, untimed): {point.first_launch:.2f} s")
+        label = f"bring-up {lab.workload} N={lab.nodes}"
+        progress(f"{label} first launch (bare, untimed): {point.first_launch:.2f} s")
         runs = self.settings.runs
         qlink_failed = False
         for run in range(runs):
@@ -309,24 +341,18 @@ class Bench:
                 if side == "qlink" and not qlink_failed:
                     try:
                         await self._bringup_qlink(
-                            point, topology, document, lab, run=run, keep_up=keep_up
-                        )
+                            point, topology, document, lab, check=run == 0,
+                            keep_up=keep_up and last, ready=ready,
+                        )  # fmt: skip
                     except Exception as error:  # the bare side still gives its figures
                         qlink_failed = True
-                        await self.failed(f"bring-up N={lab.nodes} (qlink)", error)
+                        await self.failed(f"{label} (qlink)", error)
                         # The root may be a fresh one now: plan again for the bare launcher.
                         topology = self.write_lab(lab)
-                        plan, document = await self.plan(topology, lab.name)
+                        _, document = await self.plan(topology, lab.name)
                 elif side == "bare":
-                    wall, inside, _ = await self.bare_up(plan, document)
-                    point.bare.add(wall)
-                    point.bare_in_script.add(inside)
-                    await self.bare_down()
-            qlink = f"{point.qlink.values[-1]:.2f} s" if point.qlink else "failed"
-            progress(
-                f"bring-up N={lab.nodes} run {run + 1}/{runs}: qlink {qlink}, "
-                f"bare {point.bare.values[-1]:.2f} s (load {load1():.1f})"
-            )
+                    await self._bringup_bare(point, document, ready)
+            progress(f"{label} run {run + 1}/{runs}: {_run_summary(point)} (load {load1():.1f})")
 
     async def _bringup_qlink(
         self,
@@ -335,16 +361,52 @@ class Bench:
         document: dict[str, Any],
         lab: BenchLab,
         *,
-        run: int,
+        check: bool,
         keep_up: bool,
+        ready: bool,
     ) -> None:
-        total, up_only = await self.qlink_up(topology, lab.name, lab.nodes)
-        point.qlink.add(total)
-        point.qlink_up_only.add(up_only)
-        if run == 0:
+        watch = ReadyWatch(_console_logs(document)) if ready else None
+        follower = LogFollower(self.daemon.log_path, from_end=True)
+        ready_task: asyncio.Task[list[dict[str, Any]]] | None = None
+        if watch is not None:
+            watch.start()
+            ready_task = asyncio.create_task(
+                follower.wait_for(
+                    lambda e: e.get("event") == "vm_ready" and e.get("lab") == lab.name,
+                    lab.nodes, self.settings.guest_timeout,
+                )
+            )  # fmt: skip
+        started = time.perf_counter()
+        try:
+            up_only, total = await self.qlink_up(topology, lab.name, lab.nodes)
+            point.qlink.add(up_only)
+            point.qlink_with_status.add(total)
+            if ready_task is not None and watch is not None:
+                consoles = await watch.wait(self.settings.guest_timeout)
+                await ready_task
+                point.qlink_ready.add(time.perf_counter() - started)
+                point.qlink_console_ready.add(max(consoles.values()))
+        finally:
+            if ready_task is not None:
+                ready_task.cancel()
+        if check:
             self.check_same_argv(document)
-        if not (keep_up and run == self.settings.runs - 1):
-            point.down.add(await self.qlink_down(lab.name))
+        if not keep_up:
+            point.down.add(await self.qlink_down(lab.name, force=lab.booting))
+
+    async def _bringup_bare(
+        self, point: BringupPoint, document: dict[str, Any], ready: bool
+    ) -> None:
+        watch = ReadyWatch(_console_logs(document)) if ready else None
+        if watch is not None:
+            watch.start()
+        seconds, _ = await self.bare_up(document)
+        point.bare.add(seconds)
+        if watch is not None:
+            # The watch started with the launch (its own start is before the clock's by
+            # microseconds), so its figure is from the launch too.
+            point.bare_ready.add(max((await watch.wait(self.settings.guest_timeout)).values()))
+        await self.bare_down()
 
     async def ensure_up(self, lab: BenchLab) -> None:
         if lab.name not in self.labs_up:
@@ -365,25 +427,21 @@ class Bench:
             if match is None or int(match.group(1)) == pids[node]:
                 raise BenchError(f"restart of {node} did not report a new running PID: {done}")
             pids[node] = int(match.group(1))
+            # The daemon's share: the same restart asked on the control socket from here.
+            path = f"/nodes/{lab.name}/{names[(run + 1) % len(names)]}/restart?force=1"
+            result.api.add(await self.daemon.get_seconds(path, method="POST"))
         progress(f"restart qlink: median {result.qlink.median * 1000:.0f} ms")
 
     async def restart_bare(self, lab: BenchLab, result: RestartResult) -> None:
-        plan, document = await self.plan(self.write_lab(lab), lab.name)
-        _, _, pids = await self.bare_up(plan, document)
+        _, document = await self.plan(self.write_lab(lab), lab.name)
+        _, pids = await self.bare_up(document)
         names = lab.node_names()
         for run in range(self.settings.restart_runs):
             node = names[run % len(names)]
             result.loads.append(load1())
-            done = await run_timed(
-                [*python_command("bench.bare"), "restart", str(plan), node, str(pids[node])],
-                self.settings.launch_timeout,
-            )
-            done.check()
-            new_pid = int(json.loads(done.stdout)["pids"][node])
-            self.bare_pids.discard(pids[node])
-            self.bare_pids.add(new_pid)
-            pids[node] = new_pid
-            result.bare.add(done.seconds)
+            started = time.perf_counter()
+            pids[node] = await self.bare_restart(document, node, pids[node])
+            result.bare.add(time.perf_counter() - started)
         await self.bare_down()
         progress(f"restart bare: median {result.bare.median * 1000:.0f} ms")
 
@@ -451,6 +509,7 @@ class Bench:
         await asyncio.sleep(self.settings.settle)
         result.quiet = await self.daemon_figures(QUIET_LIVENESS)
         progress(f"idle N={lab.nodes}, liveness off: CPU {result.quiet.cpu_percent:.2f}%")
+        await self.start_daemon()  # the defaults again for what follows
 
     async def fixed_costs(self) -> None:
         """What every command pays before doing anything: the interpreter, and qlinkctl."""
@@ -461,52 +520,51 @@ class Bench:
         for _ in range(self.settings.fixed_runs):
             self.results.status_empty.add((await self.daemon.ctl("status", "-o", "json")).seconds)
 
-    # --- 4. real guests -----------------------------------------------------------------
+    # --- 4. the control plane in a boot storm -------------------------------------------
 
-    async def guests(self, result: GuestResult) -> None:
-        config = self.settings.guest_config
-        plan, document = await self.plan(config, "clos")
-        lab = document["lab"]
-        logs = {
-            name: Path(node["paths"]["console_log"]) for name, node in _nodes_of(document).items()
-        }
-        timeout = self.settings.guest_timeout
-        planned_after_up = False
-        for run in range(self.settings.guest_runs):
-            # qlink first in the first run: the bare launcher needs the ports qlink allocated.
+    async def storm(self, lab: BenchLab, result: StormResult) -> None:
+        """Each run starts N booting guests (untimed) and, while they boot, times `status`
+        and a restart of one node: qlinkctl on qlink's side, kill + relaunch on the bare's."""
+        topology = self.write_lab(lab)
+        _, document = await self.plan(topology, lab.name)
+        names = lab.node_names()
+        for run in range(self.settings.storm_runs):
+            node = names[run % len(names)]
             for side in ("qlink", "bare") if run % 2 == 0 else ("bare", "qlink"):
                 result.loads.append(load1())
                 if side == "qlink":
-                    self.assert_quiet()
-                    watch = ReadyWatch(logs)
-                    watch.start()
-                    self.labs_up.add(lab)
-                    up = await self.daemon.ctl("up", str(config), timeout=timeout)
-                    ready = await watch.wait(timeout)
-                    result.qlink_ready.add(max(ready.values()))
-                    result.qlink_up_only.add(up.seconds)
-                    if not planned_after_up:
-                        plan, document = await self.plan(config, "clos")
-                        self.check_same_argv(document)
-                        planned_after_up = True
-                    await self.qlink_down(lab)
+                    await self._storm_qlink(topology, lab, node, result)
                 else:
-                    self.assert_quiet()
-                    self.check_ports_free(document)
-                    watch = ReadyWatch(logs)
-                    watch.start()
-                    done = await run_timed(
-                        [*python_command("bench.bare"), "up", str(plan)], timeout
-                    )
-                    done.check()
-                    self.bare_pids.update(json.loads(done.stdout)["pids"].values())
-                    ready = await watch.wait(timeout)
-                    result.bare_ready.add(max(ready.values()))
+                    _, pids = await self.bare_up(document)
+                    started = time.perf_counter()
+                    await self.bare_restart(document, node, pids[node])
+                    result.bare_restart.add(time.perf_counter() - started)
                     await self.bare_down()
             progress(
-                f"guests run {run + 1}: qlink {result.qlink_ready.values[-1]:.1f} s, "
-                f"bare {result.bare_ready.values[-1]:.1f} s (load {load1():.1f})"
+                f"storm run {run + 1}: status p95 so far "
+                f"{result.status.percentile(0.95) * 1000:.0f} ms, restart qlink "
+                f"{result.qlink_restart.values[-1] * 1000:.0f} ms, bare "
+                f"{result.bare_restart.values[-1] * 1000:.0f} ms (load {load1():.1f})"
             )
+
+    async def _storm_qlink(
+        self, topology: Path, lab: BenchLab, node: str, result: StormResult
+    ) -> None:
+        self.assert_quiet()
+        self.labs_up.add(lab.name)
+        await self.daemon.ctl("up", str(topology), timeout=self.settings.launch_timeout)
+        pid = 0
+        for _ in range(self.settings.storm_status):
+            done = await self.daemon.ctl("status", "-o", "json")
+            result.status.add(done.seconds)
+            rows = json.loads(done.stdout)
+            pid = next(r["pid"] for r in rows if r["lab"] == lab.name and r["node"] == node)
+        done = await self.daemon.ctl("restart", "--force", f"{lab.name}/{node}")
+        result.qlink_restart.add(done.seconds)
+        match = RESTART_PID.search(done.stdout)
+        if match is None or int(match.group(1)) == pid:
+            raise BenchError(f"restart of {node} did not report a new running PID: {done}")
+        await self.qlink_down(lab.name, force=True)
 
     # --- the whole run ------------------------------------------------------------------
 
@@ -515,13 +573,36 @@ class Bench:
         await self.start_daemon()
         async with self.section("fixed costs"):
             await self.fixed_costs()
+        await self._paused()
+        booting = labs_for(
+            list(settings.boot_sizes), settings.port_base + BOOT_PORT_OFFSET, booting=True
+        )
+        for size, lab in sorted(booting.items()):
+            async with self.section(f"bring-up booting N={size}"):
+                await self.bringup(lab, keep_up=False, ready=size in settings.ready_sizes)
+        if settings.storm_nodes:
+            storm_lab = (
+                booting.get(settings.storm_nodes)
+                or labs_for(
+                    [settings.storm_nodes], settings.port_base + BOOT_PORT_OFFSET, booting=True
+                )[settings.storm_nodes]
+            )
+            self.results.storm = StormResult(settings.storm_nodes)
+            async with self.section("boot storm"):
+                await self.storm(storm_lab, self.results.storm)
+        self.collect_timelines()
+
+    async def _paused(self) -> None:
+        settings = self.settings
         labs = labs_for(list(settings.sizes), settings.port_base)
+        if not labs:
+            return  # a reduced run without paused labs
         async with self.section("warm-up"):
             await self.warm_up(labs[min(labs)])
         for size, lab in sorted(labs.items()):
             keep_up = size in (settings.restart_nodes, settings.idle_nodes)
-            async with self.section(f"bring-up N={size}"):
-                await self.bringup(lab, keep_up)
+            async with self.section(f"bring-up paused N={size}"):
+                await self.bringup(lab, keep_up, ready=False)
             if size == settings.restart_nodes:
                 self.results.restart = RestartResult(size)
                 async with self.section("restart"):
@@ -536,13 +617,13 @@ class Bench:
             if size == settings.restart_nodes and self.results.restart is not None:
                 async with self.section("restart"):
                     await self.restart_bare(lab, self.results.restart)
-        if settings.guest:
-            self.results.guest = GuestResult(6)
-            async with self.section("real guests"):
-                await self.start_daemon()  # the defaults again, if the idle test changed them
-                await self.guests(self.results.guest)
-        else:
-            self.results.guest_skipped = "skipped in quick mode (pass --guest to run it)"
+
+    def collect_timelines(self) -> None:
+        """qlinkd's per-VM timeline of every `up`, by kind of lab (see bench/timeline.py)."""
+        logs = sorted(self.top.glob("r*/qlinkd-*.log"))
+        for name, kind in self.lab_kinds.items():
+            if timelines := lab_timelines(logs, name):
+                self.results.timelines[kind] = summarise(timelines)
 
     async def close(self) -> list[int]:
         """Tear everything down; returns the PIDs of QEMUs that had to be swept up."""
@@ -554,9 +635,34 @@ class Bench:
         return leftovers
 
 
+def _dump_tasks() -> None:
+    for task in asyncio.all_tasks():
+        awaited: Any = task.get_coro()
+        chain = []
+        while awaited is not None and hasattr(awaited, "cr_frame"):
+            frame = awaited.cr_frame
+            if frame is not None:
+                chain.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None)
+        chain.append(repr(awaited)[:200])
+        print(f"task {task.get_name()}:\n  " + "\n  ".join(chain), file=sys.stderr)
+
+
+def _run_summary(point: BringupPoint) -> str:
+    qlink = f"{point.qlink.values[-1]:.2f} s" if point.qlink else "failed"
+    text = f"qlink up {qlink}, bare {point.bare.values[-1]:.2f} s"
+    if point.bare_ready:
+        ready = f"{point.qlink_ready.values[-1]:.1f} s" if point.qlink_ready else "failed"
+        text += f"; ready qlink {ready}, bare {point.bare_ready.values[-1]:.1f} s"
+    return text
+
+
 async def run_bench(settings: Settings, results: Results, top: Path) -> None:
     """Run every measurement under `top`, then tear down everything started there."""
     progress(f"root: {top}")
+    # `kill -USR1 PID` prints what every task of the run waits on: a run that seems stuck
+    # says where.
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     bench = Bench(settings, results, top)
     started = time.perf_counter()
     try:

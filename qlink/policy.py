@@ -61,6 +61,9 @@ class SupervisorSettings:
     launch_timeout: float = 30.0
     unplug_timeout: float = 10.0
     """How long a guest gets to release a NIC taken out of it (a link removed from its lab)."""
+    vm_nice: int = 10
+    """How many nice steps below qlinkd its QEMUs run: in a boot storm qlinkd gets the CPU
+    first (0: the same priority)."""
 
 
 @dataclass

@@ -108,6 +108,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="how long a guest gets to release the NIC of a removed link before its node "
         f"is restarted instead (default {settings.unplug_timeout:g})",
     )  # fmt: skip
+    parser.add_argument(
+        "--vm-nice", type=int, default=settings.vm_nice, choices=range(20), metavar="0-19",
+        help="run the VMs this many nice steps below qlinkd, so that a boot storm does not "
+        f"starve the control plane (default {settings.vm_nice}; 0: the same priority)",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         liveness=Liveness(interval=args.liveness_interval),
         stop_timeouts=StopTimeouts(powerdown=args.powerdown_timeout),
         unplug_timeout=args.unplug_timeout,
+        vm_nice=args.vm_nice,
     )
     try:
         asyncio.run(run_daemon(layout_from(args.root), settings))

@@ -186,10 +186,13 @@ class _VmMachine:
 
     async def _launch_once(self) -> None:
         # → STARTING. The checks come first, so a refused start leaves nothing behind.
+        marks = {"starting": time.monotonic()}
         self._set_state(VmState.STARTING, pid=None, next_start_at=None)
         self._shutdown_reason = None
         await self._hooks.check_ports(self.plan)
+        marks["ports_checked"] = time.monotonic()
         await self._hooks.prepare_files(self.plan)
+        marks["files_ready"] = time.monotonic()
         self._ready.launching()
         self._stopped.clear()
         process, qmp = await self._runtime.launch(
@@ -199,9 +202,14 @@ class _VmMachine:
             qmp_name=f"{self.plan.lab}/{self.plan.name}",
         )
         self._process, self._qmp = process, qmp
+        marks["launched"] = time.monotonic()
         self._hooks.record_process(self.plan, process.identity)
+        marks["recorded"] = time.monotonic()
         # STARTING → RUNNING: QEMU is up and its QMP answers.
         self._set_state(VmState.RUNNING, pid=process.pid, started_at=time.time(), last_error=None)
+        marks["running"] = time.monotonic()
+        # Monotonic seconds of each step, for where a boot storm's time goes (bench/timeline.py).
+        self._log.info("vm_launch_timeline", marks=marks)
 
     async def _backoff_or_fail(
         self, reason: str, command: Command | None

@@ -33,6 +33,10 @@ class FakeClock:
     def time(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        """The launch timeline's marks (`vm_launch_timeline`) read this clock too."""
+        return self.now
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
 

@@ -219,3 +219,56 @@ def test_a_spawn_that_cannot_start_closes_what_it_opened(tmp_path: Path) -> None
     with pytest.raises(LaunchError, match="cannot start"):
         _spawn(["/nonexistent/qemu"], tmp_path / "log", [])
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+NICE_REPORT = """
+import os, sys, threading
+os.fdopen(3).read()  # until the parent has reniced us and closed its end
+later = []
+thread = threading.Thread(target=lambda: later.append(os.getpriority(os.PRIO_PROCESS, 0)))
+thread.start()
+thread.join()
+print(os.getpriority(os.PRIO_PROCESS, 0), later[0])
+"""
+
+
+def test_a_spawn_runs_the_child_nice_steps_below_us_with_its_later_threads(
+    tmp_path: Path,
+) -> None:
+    """qlinkd's QEMUs run below it (`--vm-nice`): the main thread, and the threads it makes."""
+    log = tmp_path / "log"
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    read_end, write_end = os.pipe()
+    try:
+        pid = _spawn([sys.executable, "-c", NICE_REPORT], log, [(read_end, 3)], nice=5)
+    finally:
+        os.close(read_end)
+    os.close(write_end)  # the child reads EOF only now, after the renice
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
+    assert log.read_text().split() == [str(min(own + 5, 19))] * 2
+
+
+def test_a_spawn_lowers_the_childs_autogroup_when_the_kernel_groups_sessions(
+    tmp_path: Path,
+) -> None:
+    """With autogroups on, a task's nice weighs only within its session: QEMU's session
+    (its own) gets the nice instead."""
+    switch = Path("/proc/sys/kernel/sched_autogroup_enabled")
+    if not switch.exists() or switch.read_text().strip() != "1":
+        pytest.skip("the kernel does not group tasks by session (autogroup off)")
+    read_end, write_end = os.pipe()
+    try:
+        pid = _spawn(
+            [sys.executable, "-c", "import os; os.fdopen(3).read()"], tmp_path / "log",
+            [(read_end, 3)], nice=5,
+        )  # fmt: skip
+    finally:
+        os.close(read_end)
+    try:
+        group = Path(f"/proc/{pid}/autogroup").read_text()
+    finally:
+        os.close(write_end)
+        os.waitpid(pid, 0)
+    assert group.split()[-1] == "5", group
+    assert group.split()[0] != Path("/proc/self/autogroup").read_text().split()[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,7 @@ class Daemon:
         """Adopt what runs, then run supervisors until cancelled (the VMs stay up)."""
         watcher = CreationWatcher() if self._runtime is None else None
         if watcher is not None:
-            self._runtime = VmRuntime(watcher)
+            self._runtime = VmRuntime(watcher, vm_nice=self.settings.vm_nice)
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
@@ -171,8 +172,10 @@ class Daemon:
         nothing. On a lab that is up, only nodes whose command line changed are restarted
         (or get NICs plugged), and nodes gone from the file are stopped.
         """
+        marks = {"up": time.monotonic()}
         async with self._lab_lock:
             busy = await asyncio.to_thread(host_ports_in_use)
+            marks["ports_scanned"] = time.monotonic()
             plan, allocations = plan_lab(
                 lab, self.layout, load_allocations(self.layout), busy_udp=busy.udp,
                 busy_tcp=busy.tcp,
@@ -193,9 +196,11 @@ class Daemon:
                 yield summary
                 yield {"event": "done", "lab": lab.name, "failed": {}, "dry_run": True}
                 return
+            marks["planned"] = time.monotonic()
             await asyncio.to_thread(
                 self._preflight, [plan.nodes[name] for name in change.start], change.replug
             )
+            marks["preflight"] = time.monotonic()
             adopted: list[LabRuntime] = []
 
             def adopt() -> None:
@@ -217,9 +222,14 @@ class Daemon:
                 for name in change.restart:
                     waiting[name] = runtime.supervisors[name].submit("restart")
                 self._start_in_order(runtime, plan, order, waits, waiting)
+                marks["submitted"] = time.monotonic()
                 async for update in _progress(lab.name, waiting, updates):
                     if update["event"] == "done":
+                        marks["all_answered"] = time.monotonic()
                         await self._carrier_settled(runtime)
+                        marks["carrier_settled"] = time.monotonic()
+                        # Monotonic seconds of each step (bench/timeline.py reads them).
+                        log.info("up_timeline", lab=lab.name, nodes=len(waiting), marks=marks)
                     yield update
 
     def _start_in_order(

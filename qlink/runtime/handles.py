@@ -66,8 +66,11 @@ class Runtime(Protocol):
 class VmRuntime:
     """The real runtime: QEMU processes and QMP sessions (`runtime.process`, `runtime.qmp`)."""
 
-    def __init__(self, watcher: real_process.CreationWatcher | None = None) -> None:
+    def __init__(
+        self, watcher: real_process.CreationWatcher | None = None, vm_nice: int = 0
+    ) -> None:
         self._watcher = watcher
+        self._vm_nice = vm_nice
 
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
@@ -75,7 +78,7 @@ class VmRuntime:
         # The sockets the argv's `-netdev dgram,local.str=N` expect, one per data NIC.
         links = [LinkSocket.of(nic) for nic in plan.nics]
         return await real_process.launch(
-            argv, plan.paths, timeout, qmp_name, self._watcher, links=links
+            argv, plan.paths, timeout, qmp_name, self._watcher, links=links, nice=self._vm_nice
         )
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
