@@ -50,6 +50,7 @@ def configure(
 
 
 def _configure_journal(level: int, fallback: TextIO) -> None:
+    journal = JournalLogger("qlinkd", fallback)  # one socket for every logger
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -60,6 +61,6 @@ def _configure_journal(level: int, fallback: TextIO) -> None:
             lambda _logger, _name, event: event,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=lambda *_args: JournalLogger("qlinkd", fallback),
+        logger_factory=lambda *_args: journal,
         cache_logger_on_first_use=True,
     )
