@@ -12,6 +12,14 @@ import structlog
 
 from qlink.journal import JournalLogger, stderr_is_journal
 
+# What every record carries, whichever way it is written.
+_ENRICH: list[structlog.types.Processor] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.processors.add_log_level,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.format_exc_info,
+]
+
 
 def under_systemd() -> bool:
     """systemd sets JOURNAL_STREAM when stderr is connected to the journal."""
@@ -36,13 +44,7 @@ def configure(
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*_ENRICH, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
@@ -52,14 +54,8 @@ def configure(
 def _configure_journal(level: int, fallback: TextIO) -> None:
     journal = JournalLogger("qlinkd", fallback)  # one socket for every logger
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            # the event dict itself reaches the logger, which makes it journald fields
-            lambda _logger, _name, event: event,
-        ],
+        # the event dict itself reaches the logger, which makes it journald fields
+        processors=[*_ENRICH, lambda _logger, _name, event: event],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=lambda *_args: journal,
         cache_logger_on_first_use=True,

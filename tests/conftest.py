@@ -241,6 +241,14 @@ def write_lab(root: Path, text: str, name: str = "lab.yaml") -> Path:
     return path
 
 
+def console_paths(root: Path, lab: str, node: str) -> tuple[Path, Path]:
+    """A node's console log and console socket under a qlinkd `--root`."""
+    return (
+        root / "lib" / "labs" / lab / "nodes" / node / "console.log",
+        root / "run" / lab / node / "console.sock",
+    )
+
+
 def qemu_pid_of(root: Path, lab: str, node: str) -> int:
     """The PID from QEMU's own pidfile."""
     return int((root / "run" / lab / node / "qemu.pid").read_text().strip())

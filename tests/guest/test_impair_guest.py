@@ -20,7 +20,7 @@ import pytest
 
 from labdriver.serial import GuestConsole, lldp_neighbors, log_sizes, wait_ready
 from qlink.plan.qdisc import ROOT
-from tests.conftest import GuestFiles, Qlinkd, write_lab
+from tests.conftest import GuestFiles, Qlinkd, console_paths, write_lab
 from tests.guest.test_operate_guest import lldp_sources
 from tests.test_impair_tc import netem_available
 
@@ -61,10 +61,7 @@ def impair_lab(root: Path, guest: GuestFiles) -> Path:
 
 
 def paths(root: Path, node: str) -> tuple[Path, Path]:
-    return (
-        root / "lib" / "labs" / "imp" / "nodes" / node / "console.log",
-        root / "run" / "imp" / node / "console.sock",
-    )
+    return console_paths(root, "imp", node)
 
 
 def qlink_tc() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from labdriver.serial import GuestConsole, lldp_neighbors, log_sizes, wait_ready
-from tests.conftest import GuestFiles, Qlinkd, write_lab
+from tests.conftest import GuestFiles, Qlinkd, console_paths, write_lab
 
 pytestmark = pytest.mark.guest
 
@@ -43,10 +43,7 @@ def pair_lab(root: Path, guest: GuestFiles) -> Path:
 
 
 def node_paths(root: Path, node: str) -> tuple[Path, Path]:
-    return (
-        root / "lib" / "labs" / "pair" / "nodes" / node / "console.log",
-        root / "run" / "pair" / node / "console.sock",
-    )
+    return console_paths(root, "pair", node)
 
 
 async def carrier(console: GuestConsole) -> str:
