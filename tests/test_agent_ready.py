@@ -82,3 +82,13 @@ async def test_a_closed_channel_is_an_error_not_a_hang(tmp_path: Path) -> None:
 async def test_no_channel_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         await AgentReadiness(tmp_path / "absent.sock").matched()
+
+
+async def test_megabytes_of_noise_before_the_answer_are_skipped(tmp_path: Path) -> None:
+    """A guest may write anything on the channel: it is read through in bounded steps."""
+    agent, path = FakeAgent(noise=b"x" * (4 << 20)), tmp_path / "agent.sock"
+    agent.started.set()
+    async with await asyncio.start_unix_server(agent.serve, path):
+        readiness = AgentReadiness(path)
+        assert "guest-ping" in await asyncio.wait_for(readiness.matched(), 30)
+        readiness.close()

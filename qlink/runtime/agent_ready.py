@@ -69,14 +69,16 @@ async def _send(writer: asyncio.StreamWriter, command: dict[str, Any], prefix: b
 
 
 async def _read_after_sentinel(reader: asyncio.StreamReader) -> None:
-    try:
-        await reader.readuntil(SENTINEL)
-    except asyncio.IncompleteReadError:
-        raise AgentError("the guest agent's channel closed") from None
-    except asyncio.LimitOverrunError as error:
-        # noise before the sentinel (an old exchange's tail): drop it, keep looking
-        await reader.readexactly(error.consumed)
-        await _read_after_sentinel(reader)
+    while True:
+        try:
+            await reader.readuntil(SENTINEL)
+            return
+        except asyncio.IncompleteReadError:
+            raise AgentError("the guest agent's channel closed") from None
+        except asyncio.LimitOverrunError as error:
+            # noise before the sentinel (an old exchange's tail, or a guest writing junk):
+            # drop it and keep looking, in bounded steps
+            await reader.readexactly(error.consumed)
 
 
 async def _read_answer(reader: asyncio.StreamReader, wanted: Any) -> dict[str, Any]:
