@@ -29,6 +29,8 @@ line before qlinkd restarted, and the lines of older boots are further back (mos
 class ReadySource(Protocol):
     def restart_at_end(self) -> None: ...
 
+    def close(self) -> None: ...
+
     async def matched(self) -> str: ...
 
 
@@ -59,7 +61,7 @@ class ReadyWatch:
         self._status.ready_at = None
 
     def _close(self) -> None:
-        if isinstance(self._search, AgentReadiness):
+        if self._search is not None:
             self._search.close()
 
     def launching(self) -> None:

@@ -45,6 +45,9 @@ class ConsoleReadiness:
         self.offset = log_size(self.path)
         self._partial = ""
 
+    def close(self) -> None:
+        """Nothing to let go of: each wait opens and closes its own watch."""
+
     async def matched(self) -> str:
         """Wait until a line matches; returns it. Cancel to stop."""
         self.path.parent.mkdir(parents=True, exist_ok=True)  # where QEMU will write it
