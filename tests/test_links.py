@@ -270,5 +270,10 @@ def test_a_spawn_lowers_the_childs_autogroup_when_the_kernel_groups_sessions(
     finally:
         os.close(write_end)
         os.waitpid(pid, 0)
+    if not group:
+        pytest.skip("the child's cgroup has a CPU controller of its own: autogroups do not apply")
     assert group.split()[-1] == "5", group
-    assert group.split()[0] != Path("/proc/self/autogroup").read_text().split()[0]
+    # Empty when this process is in the root session's group or a cgroup with its own
+    # CPU controller: then any autogroup the child shows is a different one.
+    ours = Path("/proc/self/autogroup").read_text().split()
+    assert not ours or group.split()[0] != ours[0]
