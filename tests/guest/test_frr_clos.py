@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -179,26 +180,6 @@ def ping_loss(output: str) -> tuple[int, int]:
 
 
 def test_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
-    try:
-        run_frr_clos(qlinkd, short_root)
-    except AssertionError:
-        print_diagnostics(short_root)
-        raise
-
-
-def print_diagnostics(root: Path) -> None:
-    """What a failure needs explained, before teardown deletes the root: each guest's last
-    console lines (its own view of the boot) and the daemon's status."""
-    for node in NODES:
-        log = root / "lib" / "labs" / LAB / "nodes" / node / "console.log"
-        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
-        print(f"\n--- {node} console, last lines ---\n" + "\n".join(tail))
-    for log in sorted(root.glob("**/qlinkd*.log")):
-        print(f"\n--- {log.name}, last lines ---\n"
-              + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))  # fmt: skip
-
-
-def run_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
     test_started = time.monotonic()
     require(shutil.which("qemu-system-x86_64") is not None, "qemu-system-x86_64 is not installed")
     require(IMAGE.is_file(), f"the lab image is not built: {IMAGE} (run guest/build-image)")
@@ -207,8 +188,41 @@ def run_frr_clos(qlinkd: StartDaemon, short_root: Path) -> None:
     assert "/var/cache/qlink/image/debian-frr.qcow2" in text
     config.write_text(text.replace("/var/cache/qlink/image/debian-frr.qcow2", str(IMAGE)))
     shutil.copytree(CONFIG.parent / "frr-clos", short_root / "frr-clos")
-
     daemon = qlinkd("--powerdown-timeout", "20")
+    try:
+        run_frr_clos(daemon, short_root, config, test_started)
+    except AssertionError:
+        print_diagnostics(daemon, short_root)
+        raise
+
+
+GUEST_DIAGNOSTICS = (
+    "systemctl --no-pager status frr cloud-init cloud-final ssh | head -40; "
+    "journalctl -b --no-pager -o short-monotonic -u frr -u cloud-init -u ssh | tail -60; "
+    "vtysh -c 'show running-config' | head -60; ls -l /root/.ssh /etc/frr"
+)
+
+
+def print_diagnostics(daemon: Qlinkd, root: Path) -> None:
+    """What a failure needs explained, before teardown deletes the root: each guest's last
+    console lines (its own view of the boot), its FRR, cloud-init and sshd as it reports
+    them (when it lets qlink in), and the daemon's status."""
+    for node in NODES:
+        log = root / "lib" / "labs" / LAB / "nodes" / node / "console.log"
+        tail = log.read_text(errors="replace").splitlines()[-40:] if log.exists() else []
+        print(f"\n--- {node} console, last lines ---\n" + "\n".join(tail))
+        try:
+            inside = daemon.ctl("ssh", node, "--", GUEST_DIAGNOSTICS, timeout=90)
+            said = f"(ssh exit {inside.returncode})\n{inside.stdout}{inside.stderr}"
+        except subprocess.TimeoutExpired:
+            said = "(ssh did not return within 90 s)"
+        print(f"\n--- {node}, from inside {said}")
+    for log in sorted(root.glob("**/qlinkd*.log")):
+        print(f"\n--- {log.name}, last lines ---\n"
+              + "\n".join(log.read_text(errors="replace").splitlines()[-60:]))  # fmt: skip
+
+
+def run_frr_clos(daemon: Qlinkd, short_root: Path, config: Path, test_started: float) -> None:
     started = time.monotonic()
     daemon.ctl_ok(
         "up", str(config), "--wait", "--timeout", str(UP_TIMEOUT), timeout=UP_TIMEOUT + 60
