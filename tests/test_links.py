@@ -25,7 +25,7 @@ from qlink.runtime.links import (
     open_link_sockets,
     placement_actions,
 )
-from qlink.runtime.process import _spawn
+from qlink.runtime.process import _spawn, lower_priority
 
 LOOPBACK = "127.0.0.1"
 
@@ -232,7 +232,7 @@ print(os.getpriority(os.PRIO_PROCESS, 0), later[0])
 """
 
 
-def test_a_spawn_runs_the_child_nice_steps_below_us_with_its_later_threads(
+def test_lowering_a_childs_priority_reaches_the_threads_it_makes_later(
     tmp_path: Path,
 ) -> None:
     """qlinkd's QEMUs run below it (`--vm-nice`): the main thread, and the threads it makes."""
@@ -240,7 +240,8 @@ def test_a_spawn_runs_the_child_nice_steps_below_us_with_its_later_threads(
     own = os.getpriority(os.PRIO_PROCESS, 0)
     read_end, write_end = os.pipe()
     try:
-        pid = _spawn([sys.executable, "-c", NICE_REPORT], log, [(read_end, 3)], nice=5)
+        pid = _spawn([sys.executable, "-c", NICE_REPORT], log, [(read_end, 3)])
+        lower_priority(pid, 5)
     finally:
         os.close(read_end)
     os.close(write_end)  # the child reads EOF only now, after the renice
@@ -249,7 +250,7 @@ def test_a_spawn_runs_the_child_nice_steps_below_us_with_its_later_threads(
     assert log.read_text().split() == [str(min(own + 5, 19))] * 2
 
 
-def test_a_spawn_lowers_the_childs_autogroup_when_the_kernel_groups_sessions(
+def test_lowering_a_childs_priority_lowers_its_autogroup_when_the_kernel_groups_sessions(
     tmp_path: Path,
 ) -> None:
     """With autogroups on, a task's nice weighs only within its session: QEMU's session
@@ -261,8 +262,9 @@ def test_a_spawn_lowers_the_childs_autogroup_when_the_kernel_groups_sessions(
     try:
         pid = _spawn(
             [sys.executable, "-c", "import os; os.fdopen(3).read()"], tmp_path / "log",
-            [(read_end, 3)], nice=5,
+            [(read_end, 3)],
         )  # fmt: skip
+        lower_priority(pid, 5)
     finally:
         os.close(read_end)
     try:

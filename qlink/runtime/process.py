@@ -182,12 +182,7 @@ def prepare_directories(paths: NodePaths) -> None:
 # --- launch -------------------------------------------------------------------------------
 
 
-def _spawn(
-    argv: Sequence[str],
-    log_path: Path,
-    handover: Sequence[tuple[int, int]] = (),
-    nice: int = 0,
-) -> int:
+def _spawn(argv: Sequence[str], log_path: Path, handover: Sequence[tuple[int, int]] = ()) -> int:
     """Start QEMU in a session of its own, output appended to its log; returns the PID.
 
     `handover` is (descriptor here, number in QEMU) for each NIC socket: the argv names them
@@ -213,21 +208,21 @@ def _spawn(
     finally:
         os.close(log_fd)
         os.close(null_fd)
-    if nice:
-        _lower_priority(pid, nice)
     return pid
 
 
 AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
-def _lower_priority(pid: int, nice: int) -> None:
+def lower_priority(pid: int, nice: int) -> None:
     """QEMU `nice` steps below qlinkd, so that in a boot storm qlinkd gets the CPU first
     (its QMP round trips, its replies) and the guests take what is left, which is nearly all.
 
-    posix_spawn has no nice attribute, so it is set right after: on the process group (QEMU
-    leads its own session), which reaches every thread QEMU has by then (Linux nice is per
-    thread), and the threads it makes later inherit it. With the scheduler's autogroups on
+    Set once QEMU's QMP answered, not at the spawn: until then QEMU's start-up is what an
+    `up` or a `restart` waits for, and at a lower weight it would wait behind every guest
+    already booting. Set on the process group (QEMU leads its own session), which reaches
+    every thread QEMU has by then (Linux nice is per thread); the threads it makes later
+    inherit it. With the scheduler's autogroups on
     (the default of most distributions' kernels), a task's nice weighs only against its own
     session, and QEMU's session is its own: there the session's autogroup gets the nice (all
     its threads, now and later). Best effort: a QEMU that died already is its supervisor's
@@ -242,14 +237,14 @@ def _lower_priority(pid: int, nice: int) -> None:
 
 
 async def _spawn_with_links(
-    argv: Sequence[str], log_path: Path, links: Sequence[LinkSocket], nice: int = 0
+    argv: Sequence[str], log_path: Path, links: Sequence[LinkSocket]
 ) -> int:
     """`_spawn`, handing QEMU a socket per NIC, opened here and closed here once QEMU has its
     copies: nothing is left open if any of them cannot be opened, or QEMU cannot be started."""
     try:
         with open_link_sockets(links) as sockets:
             handover = [(sock.fileno(), link.fd) for sock, link in zip(sockets, links, strict=True)]
-            return _spawn(argv, log_path, handover, nice)
+            return _spawn(argv, log_path, handover)
     except PortInUseError as error:
         # Named off the loop: finding the holder walks every process's descriptors.
         holder = await asyncio.to_thread(udp_port_holder, error.port)
@@ -338,7 +333,7 @@ async def launch(
 
     `links` are the NIC sockets its argv expects (`runtime.links`): opened, handed over at
     their descriptor numbers, and closed here; a port someone holds is a `PortInUseError`.
-    `nice`: how many steps below this process QEMU runs (`_lower_priority`).
+    `nice`: how many steps below this process QEMU runs once it is up (`lower_priority`).
 
     Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
     bound and listening before the next, and the plan puts QMP before the console. So the
@@ -381,7 +376,7 @@ async def _launch(
     # storm's time goes (spawn, QMP listening, greeting and capabilities).
     marks = {"launch": time.monotonic()}
     with watcher.expecting(paths.console_socket) as console_created:
-        pid = await _spawn_with_links(argv, paths.qemu_log, links, nice)
+        pid = await _spawn_with_links(argv, paths.qemu_log, links)
         marks["spawned"] = time.monotonic()
         process = _child(pid, argv)
         try:
@@ -426,6 +421,8 @@ async def _launch(
                     _tail(paths.qemu_log, log_start),
                 ) from error
             raise
+    if nice:
+        lower_priority(pid, nice)
     log.info("qemu_spawned", pid=pid, argv=list(argv), marks=marks)
     return process, qmp
 
