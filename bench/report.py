@@ -8,6 +8,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from bench.frr import kept_section
 from bench.results import (
     READY_RATIO,
     RESTART_MARGIN,
@@ -406,6 +407,7 @@ def render(results: Results, plot: Path, output: Path) -> str:
         *restart_section(results),
         *idle_section(results),
         *storm_section(results),
+        *kept_section(output),  # the FRR lab's figures: `make bench-frr` writes them
     ]
     if results.errors:
         lines += ["## Errors", ""]
