@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import stat
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from qlink.errors import HostError
 from qlink.plan.paths import Layout
 from qlink.runtime.sshkey import ensure_ssh_credential, public_key_path, smbios_credential
+from tests.fakes import FakeRuntime
+from tests.test_daemon_core import lab_of, serving
 
 
 def decoded_keys(credential: Path) -> str:
@@ -63,3 +66,28 @@ async def test_without_ssh_keygen_the_error_says_what_to_install(
     with pytest.raises(HostError, match="apt-get install openssh-client"):
         await ensure_ssh_credential(layout.ssh_key, layout.ssh_credential)
     assert not layout.ssh_credential.exists()
+
+
+async def test_nodes_starting_together_share_one_key_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four mgmt nodes start at once: ssh-keygen runs once, and the credential every QEMU is
+    given carries the public half of the one private key on disk. (Unserialised, each node
+    made a pair, and the nodes launched before the last one carried a key nobody had.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    runs = tmp_path / "keygen-runs"
+    keygen = bin_dir / "ssh-keygen"
+    keygen.write_text(f'#!/bin/sh\necho run >>{runs}\nsleep 0.2\nexec /usr/bin/ssh-keygen "$@"\n')
+    keygen.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    lab = lab_of(
+        "name: four\ndefaults: {kernel: /k, mgmt: true}\nnodes: {a: {}, b: {}, c: {}, d: {}}\n"
+        "links:\n  - [a:eth1, b:eth1]\n  - [c:eth1, d:eth1]\n"
+    )
+    async with serving(tmp_path / "root", FakeRuntime()) as daemon:
+        events = [event async for event in daemon.up(lab)]
+        assert events[-1]["failed"] == {}
+    layout = Layout.under(tmp_path / "root")
+    assert runs.read_text().splitlines() == ["run"]
+    assert decoded_keys(layout.ssh_credential) == public_key_path(layout.ssh_key).read_text()
