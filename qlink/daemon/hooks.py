@@ -11,11 +11,10 @@ import structlog
 from qlink.daemon.events import EventBus
 from qlink.daemon.labs import Labs
 from qlink.daemon.records import LabStore
-from qlink.errors import PortInUseError
 from qlink.plan.lab import NodePlan
 from qlink.plan.paths import Layout
 from qlink.policy import VmStatus, is_ready
-from qlink.runtime.ports import check_tcp_port_free, udp_port_holder, udp_port_in_use
+from qlink.runtime.ports import check_tcp_port_free, check_udp_ports_free
 from qlink.runtime.process import ProcessIdentity, create_overlay
 from qlink.runtime.seed import write_seed
 from qlink.runtime.sshkey import ensure_ssh_credential
@@ -26,17 +25,8 @@ log = structlog.get_logger("qlinkd")
 def check_node_ports(plan: NodePlan) -> None:
     """Every UDP port of the node's NICs and its SSH forward is free (blocking: it may
     walk the host's sockets to name who holds one)."""
-    try:
-        probe_node_ports(plan)
-    except PortInUseError as error:
-        raise PortInUseError(error.port, error.address, udp_port_holder(error.port)) from None
-
-
-def probe_node_ports(plan: NodePlan) -> None:
-    """`check_node_ports` without naming the holder: a bind per port, which never blocks."""
     for nic in plan.nics:
-        if udp_port_in_use(nic.local_address, nic.local_port):
-            raise PortInUseError(nic.local_port, nic.local_address, None)
+        check_udp_ports_free(nic.local_address, [nic.local_port])
     if plan.mgmt is not None:
         check_tcp_port_free(plan.mgmt.host_address, plan.mgmt.ssh_port)
 
@@ -53,13 +43,7 @@ class DaemonHooks:
         self._ssh_key_lock = asyncio.Lock()
 
     async def check_ports(self, plan: NodePlan) -> None:
-        # On the loop: in a boot storm a hop to a worker thread per VM cost more than the
-        # binds themselves. Only naming who holds a port (a walk of every process) goes off it.
-        try:
-            probe_node_ports(plan)
-        except PortInUseError as error:
-            holder = await asyncio.to_thread(udp_port_holder, error.port)
-            raise PortInUseError(error.port, error.address, holder) from None
+        await asyncio.to_thread(check_node_ports, plan)
 
     async def prepare_files(self, plan: NodePlan) -> None:
         if plan.node.image is not None and await create_overlay(
