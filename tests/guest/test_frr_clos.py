@@ -24,10 +24,11 @@ import pytest
 
 from tests.conftest import Qlinkd, qemu_pid_of, require
 
-# In `make test` (CI) and alone as `make test-frr`. Two runs of four failed on spine2 on a host
-# whose cores other jobs kept busy (load average 35): its sshd refused qlink's key, or its
-# bgpd had no BGP instance, for 180 s after `up --wait`; three diagnosed runs on a quiet host
-# were all clean. A failure now prints each guest's own account (see print_diagnostics).
+# In `make test` (CI) and alone as `make test-frr`. Its failures of 2026-11-26 with "Permission
+# denied (publickey)" were qlinkd's: nodes starting together each made an SSH key pair, and
+# those launched before the last pair carried a key nobody had (fixed; tests/test_sshkey.py).
+# Once, spine2's bgpd had no BGP instance 180 s after `up --wait`, not seen again since; a
+# failure prints each guest's own account (print_diagnostics).
 pytestmark = [pytest.mark.guest, pytest.mark.frr]
 
 StartDaemon = Callable[..., Qlinkd]
