@@ -222,11 +222,11 @@ def lower_priority(pid: int, nice: int) -> None:
     `up` or a `restart` waits for, and at a lower weight it would wait behind every guest
     already booting. Set on the process group (QEMU leads its own session), which reaches
     every thread QEMU has by then (Linux nice is per thread); the threads it makes later
-    inherit it. With the scheduler's autogroups on
-    (the default of most distributions' kernels), a task's nice weighs only against its own
-    session, and QEMU's session is its own: there the session's autogroup gets the nice (all
-    its threads, now and later). Best effort: a QEMU that died already is its supervisor's
-    business, and a nice we may not set costs only the priority.
+    inherit it. With the scheduler's autogroups on (the default of most distributions'
+    kernels), a task's nice weighs only against its own session, and QEMU's session is its
+    own: there the session's autogroup gets the nice (all its threads, now and later). Best
+    effort: a QEMU that died already is its supervisor's business, and a nice we may not set
+    costs only the priority.
     """
     with contextlib.suppress(OSError):
         own = os.getpriority(os.PRIO_PROCESS, 0)
