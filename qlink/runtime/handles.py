@@ -4,6 +4,7 @@ the product's only implementation."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractContextManager
@@ -63,6 +64,9 @@ class Runtime(Protocol):
     ) -> StopStep: ...
 
 
+CORES = os.cpu_count() or 1
+
+
 class VmRuntime:
     """The real runtime: QEMU processes and QMP sessions (`runtime.process`, `runtime.qmp`)."""
 
@@ -71,15 +75,27 @@ class VmRuntime:
     ) -> None:
         self._watcher = watcher
         self._vm_nice = vm_nice
+        self._launching = 0
 
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
     ) -> tuple[ProcessHandle, MonitorHandle]:
         # The sockets the argv's `-netdev dgram,local.str=N` expect, one per data NIC.
         links = [LinkSocket.of(nic) for nic in plan.nics]
-        return await real_process.launch(
-            argv, plan.paths, timeout, qmp_name, self._watcher, links=links, nice=self._vm_nice
-        )
+        # Up to one starting QEMU per core starts at qlinkd's own priority and drops to
+        # --vm-nice once up: its start is what a `restart` waits for, and it would wait behind
+        # every guest already booting. More at once (an `up`), and the guests they boot while
+        # starting would outweigh qlinkd: those drop at the spawn. (20 booting guests: a
+        # restart 764 → 261 ms when it starts high; 50 booting guests all starting high: `up`
+        # 1.9-2.7x the bare launcher, against 1.10x when they drop at the spawn.)
+        self._launching += 1
+        try:
+            return await real_process.launch(
+                argv, plan.paths, timeout, qmp_name, self._watcher, links=links,
+                nice=self._vm_nice, nice_at_spawn=self._launching > CORES,
+            )  # fmt: skip
+        finally:
+            self._launching -= 1
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
         return real_process.adopt(identity)

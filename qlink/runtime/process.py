@@ -218,15 +218,15 @@ def lower_priority(pid: int, nice: int) -> None:
     """QEMU `nice` steps below qlinkd, so that in a boot storm qlinkd gets the CPU first
     (its QMP round trips, its replies) and the guests take what is left, which is nearly all.
 
-    Set once QEMU's QMP answered, not at the spawn: until then QEMU's start-up is what an
-    `up` or a `restart` waits for, and at a lower weight it would wait behind every guest
-    already booting. Set on the process group (QEMU leads its own session), which reaches
-    every thread QEMU has by then (Linux nice is per thread); the threads it makes later
-    inherit it. With the scheduler's autogroups on (the default of most distributions'
-    kernels), a task's nice weighs only against its own session, and QEMU's session is its
-    own: there the session's autogroup gets the nice (all its threads, now and later). Best
-    effort: a QEMU that died already is its supervisor's business, and a nice we may not set
-    costs only the priority.
+    Set once QEMU's QMP answered when few start at once (see `VmRuntime.launch`): until then
+    QEMU's start-up is what an `up` or a `restart` waits for, and at a lower weight it would
+    wait behind every guest already booting. Set on the process group (QEMU leads its own
+    session), which reaches every thread QEMU has by then (Linux nice is per thread); the
+    threads it makes later inherit it. With the scheduler's autogroups on (the default of
+    most distributions' kernels), a task's nice weighs only against its own session, and
+    QEMU's session is its own: there the session's autogroup gets the nice (all its threads,
+    now and later). Best effort: a QEMU that died already is its supervisor's business, and
+    a nice we may not set costs only the priority.
     """
     with contextlib.suppress(OSError):
         own = os.getpriority(os.PRIO_PROCESS, 0)
@@ -328,12 +328,14 @@ async def launch(
     *,
     links: Sequence[LinkSocket] = (),
     nice: int = 0,
+    nice_at_spawn: bool = False,
 ) -> tuple[QemuProcess, QmpSession]:
     """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
 
     `links` are the NIC sockets its argv expects (`runtime.links`): opened, handed over at
     their descriptor numbers, and closed here; a port someone holds is a `PortInUseError`.
-    `nice`: how many steps below this process QEMU runs once it is up (`lower_priority`).
+    `nice`: how many steps below this process QEMU runs (`lower_priority`): once it is up, or
+    from the spawn on with `nice_at_spawn`.
 
     Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
     bound and listening before the next, and the plan puts QMP before the console. So the
@@ -343,11 +345,13 @@ async def launch(
         if watcher is None:
             async with _private_watcher() as private:
                 return await _launch(
-                    argv, paths, timeout, qmp_name, watcher=private, links=links, nice=nice
-                )
+                    argv, paths, timeout, qmp_name, watcher=private, links=links, nice=nice,
+                    nice_at_spawn=nice_at_spawn,
+                )  # fmt: skip
         return await _launch(
-            argv, paths, timeout, qmp_name, watcher=watcher, links=links, nice=nice
-        )
+            argv, paths, timeout, qmp_name, watcher=watcher, links=links, nice=nice,
+            nice_at_spawn=nice_at_spawn,
+        )  # fmt: skip
     except OSError as error:
         # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
         # failed launch like any other: the supervisor backs off, the daemon stays up.
@@ -367,6 +371,7 @@ async def _launch(
     watcher: CreationWatcher,
     links: Sequence[LinkSocket],
     nice: int,
+    nice_at_spawn: bool,
 ) -> tuple[QemuProcess, QmpSession]:
     prepare_directories(paths)
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
@@ -378,6 +383,8 @@ async def _launch(
     with watcher.expecting(paths.console_socket) as console_created:
         pid = await _spawn_with_links(argv, paths.qemu_log, links)
         marks["spawned"] = time.monotonic()
+        if nice and nice_at_spawn:
+            lower_priority(pid, nice)
         process = _child(pid, argv)
         try:
             async with asyncio.timeout(timeout):
@@ -421,7 +428,7 @@ async def _launch(
                     _tail(paths.qemu_log, log_start),
                 ) from error
             raise
-    if nice:
+    if nice and not nice_at_spawn:
         lower_priority(pid, nice)
     log.info("qemu_spawned", pid=pid, argv=list(argv), marks=marks)
     return process, qmp

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.runtime.handles import VmRuntime
+from qlink.runtime.process import launch
 from tests.conftest import GuestFiles
 from tests.qemu.test_link_sockets import pair_plan
 
@@ -33,6 +34,21 @@ async def test_a_launched_qemu_runs_every_thread_below_qlinkd(
         nices = thread_nices(process.pid)
         assert any(name.startswith("CPU 0/") for name in nices), nices  # debug-threads=on
         assert set(nices.values()) == {min(own + 5, 19)}, nices
+    finally:
+        await qmp.execute("quit")
+        await process.wait()
+        await qmp.close()
+
+
+async def test_a_qemu_dropped_at_the_spawn_runs_every_thread_below_qlinkd_too(
+    short_root: Path, qemu_binary: str, guest_files: GuestFiles
+) -> None:
+    r1 = pair_plan(short_root, guest_files)["r1"]
+    argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    process, qmp = await launch(argv, r1.paths, 20, "test", nice=5, nice_at_spawn=True)
+    try:
+        assert set(thread_nices(process.pid).values()) == {min(own + 5, 19)}
     finally:
         await qmp.execute("quit")
         await process.wait()
