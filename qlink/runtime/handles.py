@@ -85,9 +85,10 @@ class VmRuntime:
         # Up to one starting QEMU per core starts at qlinkd's own priority and drops to
         # --vm-nice once up: its start is what a `restart` waits for, and it would wait behind
         # every guest already booting. More at once (an `up`), and the guests they boot while
-        # starting would outweigh qlinkd: those drop at the spawn. (20 booting guests: a
-        # restart 764 → 261 ms when it starts high; 50 booting guests all starting high: `up`
-        # 1.9-2.7x the bare launcher, against 1.10x when they drop at the spawn.)
+        # starting would outweigh qlinkd: those drop at the spawn. Measured, 5 runs each
+        # twice: a restart while 20 guests boot 220-255 ms (764 when it started low; bare
+        # 276-329); `up` of 50 booting guests 1.28-1.40x bare (2.22-2.31x when all started
+        # high, 1.43-1.65x with up to 4 per core high), of 20 2.14-2.39x (1.86x all high).
         self._launching += 1
         try:
             return await real_process.launch(
