@@ -8,6 +8,7 @@ from pathlib import Path
 
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.runtime.handles import VmRuntime
+from qlink.runtime.links import LinkSocket
 from qlink.runtime.process import launch
 from tests.conftest import GuestFiles
 from tests.qemu.test_link_sockets import pair_plan
@@ -46,7 +47,8 @@ async def test_a_qemu_dropped_at_the_spawn_runs_every_thread_below_qlinkd_too(
     r1 = pair_plan(short_root, guest_files)["r1"]
     argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
     own = os.getpriority(os.PRIO_PROCESS, 0)
-    process, qmp = await launch(argv, r1.paths, 20, "test", nice=5, nice_at_spawn=True)
+    links = [LinkSocket.of(nic) for nic in r1.nics]
+    process, qmp = await launch(argv, r1.paths, 20, "test", links=links, nice=5, nice_at_spawn=True)
     try:
         assert set(thread_nices(process.pid).values()) == {min(own + 5, 19)}
     finally:
