@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from qlink.plan.argv import HostFacts, build_argv
-from qlink.runtime.handles import VmRuntime
 from qlink.runtime.links import LinkSocket
 from qlink.runtime.process import launch
 from tests.conftest import GuestFiles
@@ -24,33 +25,23 @@ def thread_nices(pid: int) -> dict[str, int]:
     return found
 
 
+@pytest.mark.parametrize("at_spawn", [False, True], ids=["once-up", "at-the-spawn"])
 async def test_a_launched_qemu_runs_every_thread_below_qlinkd(
-    short_root: Path, qemu_binary: str, guest_files: GuestFiles
+    short_root: Path, qemu_binary: str, guest_files: GuestFiles, at_spawn: bool
 ) -> None:
-    r1 = pair_plan(short_root, guest_files)["r1"]
-    argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
-    own = os.getpriority(os.PRIO_PROCESS, 0)
-    process, qmp = await VmRuntime(vm_nice=5).launch(argv, r1, timeout=20, qmp_name="test")
-    try:
-        nices = thread_nices(process.pid)
-        assert any(name.startswith("CPU 0/") for name in nices), nices  # debug-threads=on
-        assert set(nices.values()) == {min(own + 5, 19)}, nices
-    finally:
-        await qmp.execute("quit")
-        await process.wait()
-        await qmp.close()
-
-
-async def test_a_qemu_dropped_at_the_spawn_runs_every_thread_below_qlinkd_too(
-    short_root: Path, qemu_binary: str, guest_files: GuestFiles
-) -> None:
+    """Whether it dropped once its QMP answered or right at the spawn (`VmRuntime.launch`
+    picks by how many start at once), every thread ends up `nice` steps below us."""
     r1 = pair_plan(short_root, guest_files)["r1"]
     argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
     own = os.getpriority(os.PRIO_PROCESS, 0)
     links = [LinkSocket.of(nic) for nic in r1.nics]
-    process, qmp = await launch(argv, r1.paths, 20, "test", links=links, nice=5, nice_at_spawn=True)
+    process, qmp = await launch(
+        argv, r1.paths, 20, "test", links=links, nice=5, nice_at_spawn=at_spawn
+    )
     try:
-        assert set(thread_nices(process.pid).values()) == {min(own + 5, 19)}
+        nices = thread_nices(process.pid)
+        assert any(name.startswith("CPU 0/") for name in nices), nices  # debug-threads=on
+        assert set(nices.values()) == {min(own + 5, 19)}, nices
     finally:
         await qmp.execute("quit")
         await process.wait()
