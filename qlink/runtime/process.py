@@ -200,7 +200,7 @@ def _spawn(argv: Sequence[str], log_path: Path, handover: Sequence[tuple[int, in
     try:
         actions = placement_actions([(null_fd, 0), (log_fd, 1), (log_fd, 2), *handover])
         check_descriptor_limit(highest_descriptor(actions))
-        pid = os.posix_spawnp(
+        return os.posix_spawnp(
             argv[0], list(argv), dict(os.environ), file_actions=actions, setsid=True
         )
     except OSError as error:
@@ -208,7 +208,6 @@ def _spawn(argv: Sequence[str], log_path: Path, handover: Sequence[tuple[int, in
     finally:
         os.close(log_fd)
         os.close(null_fd)
-    return pid
 
 
 AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
@@ -342,16 +341,13 @@ async def launch(
     console socket appearing (inotify) means QMP listens; the exit of QEMU ends the wait too.
     """
     try:
-        if watcher is None:
-            async with _private_watcher() as private:
-                return await _launch(
-                    argv, paths, timeout, qmp_name, watcher=private, links=links, nice=nice,
-                    nice_at_spawn=nice_at_spawn,
-                )  # fmt: skip
-        return await _launch(
-            argv, paths, timeout, qmp_name, watcher=watcher, links=links, nice=nice,
-            nice_at_spawn=nice_at_spawn,
-        )  # fmt: skip
+        async with contextlib.AsyncExitStack() as stack:
+            if watcher is None:
+                watcher = await stack.enter_async_context(_private_watcher())
+            return await _launch(
+                argv, paths, timeout, qmp_name, watcher=watcher, links=links, nice=nice,
+                nice_at_spawn=nice_at_spawn,
+            )  # fmt: skip
     except OSError as error:
         # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
         # failed launch like any other: the supervisor backs off, the daemon stays up.
