@@ -60,6 +60,8 @@ class BringupPoint:
     """`qlinkctl up`, then `qlinkctl status -o json` (which checks every node runs)."""
     bare: Samples = field(default_factory=Samples)
     """The in-process launcher: spawn every argv, until every QMP greeting."""
+    bare_answered: Samples = field(default_factory=Samples)
+    """The same launcher, until every QEMU answered its first command (`bench.bare`)."""
     qlink_ready: Samples = field(default_factory=Samples)
     """From the start of `up` until qlinkd reported every node ready (booting only)."""
     qlink_console_ready: Samples = field(default_factory=Samples)
@@ -78,6 +80,10 @@ class BringupPoint:
     @property
     def ratio(self) -> float:
         return self.ratios.median
+
+    @property
+    def answered_ratios(self) -> Samples:
+        return run_ratios(self.qlink, self.bare_answered)
 
     @property
     def ready_ratios(self) -> Samples:
@@ -103,6 +109,8 @@ class RestartResult:
     api: Samples = field(default_factory=Samples)
     """The same restart asked on the control socket from the benchmark: the daemon's share."""
     bare: Samples = field(default_factory=Samples)
+    bare_answered: Samples = field(default_factory=Samples)
+    """The bare relaunch until the new QEMU answered its first command."""
     loads: list[float] = field(default_factory=list)
 
 

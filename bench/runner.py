@@ -233,8 +233,11 @@ class Bench:
         if busy:
             raise BenchError(f"UDP ports of the plan are in use by someone else: {busy}")
 
-    async def bare_up(self, document: dict[str, Any]) -> tuple[float, dict[str, int]]:
-        """The in-process launcher on the plan: (seconds until every greeting, PIDs).
+    async def bare_up(
+        self, document: dict[str, Any], answered: bool = False
+    ) -> tuple[float, dict[str, int]]:
+        """The in-process launcher on the plan: (seconds until every greeting, or with
+        `answered` every answer to the first command, PIDs).
 
         The checks come before the clock: the launcher itself checks nothing."""
         self.assert_quiet()
@@ -242,18 +245,22 @@ class Bench:
         nodes = list(_bare_nodes(document).values())
         started = time.perf_counter()
         try:
-            pids = await bare.launch(nodes, self.settings.launch_timeout)
+            pids = await bare.launch(nodes, self.settings.launch_timeout, answered=answered)
         except (bare.BareError, BaseExceptionGroup) as error:
             raise BenchError(f"bare launch: {bare.describe(error)}") from None
         seconds = time.perf_counter() - started
         self.bare_pids.update(pids.values())
         return seconds, pids
 
-    async def bare_restart(self, document: dict[str, Any], node: str, pid: int) -> int:
+    async def bare_restart(
+        self, document: dict[str, Any], node: str, pid: int, answered: bool = False
+    ) -> int:
         """SIGKILL one node's QEMU, wait until it is gone, relaunch its argv: the new PID."""
         await bare.kill_and_wait(pid, self.settings.launch_timeout)
         self.bare_pids.discard(pid)
-        new = await bare.launch([_bare_nodes(document)[node]], self.settings.launch_timeout)
+        new = await bare.launch(
+            [_bare_nodes(document)[node]], self.settings.launch_timeout, answered=answered
+        )
         self.bare_pids.add(new[node])
         return new[node]
 
@@ -336,7 +343,8 @@ class Bench:
             last = run == runs - 1
             # Alternate who goes first; a lab kept up for what follows must be qlink's.
             qlink_first = run % 2 == 0 and not (keep_up and last)
-            for side in ("qlink", "bare") if qlink_first else ("bare", "qlink"):
+            sides = ("qlink", "bare", "answered") if qlink_first else ("answered", "bare", "qlink")
+            for side in sides:
                 point.loads.append(load1())
                 if side == "qlink" and not qlink_failed:
                     try:
@@ -352,6 +360,10 @@ class Bench:
                         _, document = await self.plan(topology, lab.name)
                 elif side == "bare":
                     await self._bringup_bare(point, document, ready)
+                elif side == "answered":
+                    seconds, _ = await self.bare_up(document, answered=True)
+                    point.bare_answered.add(seconds)
+                    await self.bare_down()
             progress(f"{label} run {run + 1}/{runs}: {_run_summary(point)} (load {load1():.1f})")
 
     async def _bringup_qlink(
@@ -442,6 +454,9 @@ class Bench:
             started = time.perf_counter()
             pids[node] = await self.bare_restart(document, node, pids[node])
             result.bare.add(time.perf_counter() - started)
+            started = time.perf_counter()
+            pids[node] = await self.bare_restart(document, node, pids[node], answered=True)
+            result.bare_answered.add(time.perf_counter() - started)
         await self.bare_down()
         progress(f"restart bare: median {result.bare.median * 1000:.0f} ms")
 
@@ -651,6 +666,8 @@ def _dump_tasks() -> None:
 def _run_summary(point: BringupPoint) -> str:
     qlink = f"{point.qlink.values[-1]:.2f} s" if point.qlink else "failed"
     text = f"qlink up {qlink}, bare {point.bare.values[-1]:.2f} s"
+    if point.bare_answered:
+        text += f" (until answered {point.bare_answered.values[-1]:.2f} s)"
     if point.bare_ready:
         ready = f"{point.qlink_ready.values[-1]:.1f} s" if point.qlink_ready else "failed"
         text += f"; ready qlink {ready}, bare {point.bare_ready.values[-1]:.1f} s"
