@@ -25,7 +25,8 @@ from qlink.runtime.links import (
     open_link_sockets,
     placement_actions,
 )
-from qlink.runtime.process import _spawn, lower_priority
+from qlink.runtime.priority import lower_priority
+from qlink.runtime.process import _spawn
 
 LOOPBACK = "127.0.0.1"
 

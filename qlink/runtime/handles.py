@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from qlink.plan.lab import NodePlan
 from qlink.runtime import process as real_process
 from qlink.runtime.links import LinkSocket
+from qlink.runtime.priority import StartPriorities
 from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
 from qlink.runtime.qmp import QmpSession
 
@@ -74,29 +75,19 @@ class VmRuntime:
         self, watcher: real_process.CreationWatcher | None = None, vm_nice: int = 0
     ) -> None:
         self._watcher = watcher
-        self._vm_nice = vm_nice
-        self._launching = 0
+        # Which starting QEMUs keep qlinkd's priority, and when they drop (`runtime.priority`).
+        self._priorities = StartPriorities(vm_nice, CORES)
 
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
     ) -> tuple[ProcessHandle, MonitorHandle]:
         # The sockets the argv's `-netdev dgram,local.str=N` expect, one per data NIC.
         links = [LinkSocket.of(nic) for nic in plan.nics]
-        # Up to one starting QEMU per core starts at qlinkd's own priority and drops to
-        # --vm-nice once up: its start is what a `restart` waits for, and it would wait behind
-        # every guest already booting. More at once (an `up`), and the guests they boot while
-        # starting would outweigh qlinkd: those drop at the spawn. Measured, 5 runs each
-        # twice: a restart while 20 guests boot 220-255 ms (764 when it started low; bare
-        # 276-329); `up` of 50 booting guests 1.28-1.40x bare (2.22-2.31x when all started
-        # high, 1.43-1.65x with up to 4 per core high), of 20 2.14-2.39x (1.86x all high).
-        self._launching += 1
-        try:
+        with self._priorities.starting() as priority:
             return await real_process.launch(
                 argv, plan.paths, timeout, qmp_name, self._watcher, links=links,
-                nice=self._vm_nice, nice_at_spawn=self._launching > CORES,
+                priority=priority,
             )  # fmt: skip
-        finally:
-            self._launching -= 1
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
         return real_process.adopt(identity)

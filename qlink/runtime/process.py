@@ -32,6 +32,7 @@ from qlink.runtime.links import (
     placement_actions,
 )
 from qlink.runtime.ports import udp_port_holder
+from qlink.runtime.priority import LaunchPriority
 from qlink.runtime.procfs import read_cmdline, read_stat
 from qlink.runtime.qmp import QmpSession
 from qlink.runtime.tools import run_tool
@@ -39,7 +40,6 @@ from qlink.runtime.tools import run_tool
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_BYTES = 4096
-MAX_NICE = 19
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,31 +210,6 @@ def _spawn(argv: Sequence[str], log_path: Path, handover: Sequence[tuple[int, in
         os.close(null_fd)
 
 
-AUTOGROUP_SWITCH = Path("/proc/sys/kernel/sched_autogroup_enabled")
-
-
-def lower_priority(pid: int, nice: int) -> None:
-    """QEMU `nice` steps below qlinkd, so that in a boot storm qlinkd gets the CPU first
-    (its QMP round trips, its replies) and the guests take what is left, which is nearly all.
-
-    Set once QEMU's QMP answered when few start at once (see `VmRuntime.launch`): until then
-    QEMU's start-up is what an `up` or a `restart` waits for, and at a lower weight it would
-    wait behind every guest already booting. Set on the process group (QEMU leads its own
-    session), which reaches every thread QEMU has by then (Linux nice is per thread); the
-    threads it makes later inherit it. With the scheduler's autogroups on (the default of
-    most distributions' kernels), a task's nice weighs only against its own session, and
-    QEMU's session is its own: there the session's autogroup gets the nice (all its threads,
-    now and later). Best effort: a QEMU that died already is its supervisor's business, and
-    a nice we may not set costs only the priority.
-    """
-    with contextlib.suppress(OSError):
-        own = os.getpriority(os.PRIO_PROCESS, 0)
-        os.setpriority(os.PRIO_PGRP, pid, min(own + nice, MAX_NICE))
-    with contextlib.suppress(OSError):
-        if AUTOGROUP_SWITCH.read_text().strip() == "1":
-            Path(f"/proc/{pid}/autogroup").write_text(f"{min(nice, MAX_NICE)}\n")
-
-
 async def _spawn_with_links(
     argv: Sequence[str], log_path: Path, links: Sequence[LinkSocket]
 ) -> int:
@@ -326,15 +301,14 @@ async def launch(
     watcher: CreationWatcher | None = None,
     *,
     links: Sequence[LinkSocket] = (),
-    nice: int = 0,
-    nice_at_spawn: bool = False,
+    priority: LaunchPriority | None = None,
 ) -> tuple[QemuProcess, QmpSession]:
     """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
 
     `links` are the NIC sockets its argv expects (`runtime.links`): opened, handed over at
     their descriptor numbers, and closed here; a port someone holds is a `PortInUseError`.
-    `nice`: how many steps below this process QEMU runs (`lower_priority`): once it is up, or
-    from the spawn on with `nice_at_spawn`.
+    `priority` is told QEMU's PID once spawned and once its QMP answered (when it may drop
+    below qlinkd: `runtime.priority`).
 
     Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
     bound and listening before the next, and the plan puts QMP before the console. So the
@@ -345,8 +319,7 @@ async def launch(
             if watcher is None:
                 watcher = await stack.enter_async_context(_private_watcher())
             return await _launch(
-                argv, paths, timeout, qmp_name, watcher=watcher, links=links, nice=nice,
-                nice_at_spawn=nice_at_spawn,
+                argv, paths, timeout, qmp_name, watcher=watcher, links=links, priority=priority
             )  # fmt: skip
     except OSError as error:
         # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
@@ -366,8 +339,7 @@ async def _launch(
     *,
     watcher: CreationWatcher,
     links: Sequence[LinkSocket],
-    nice: int,
-    nice_at_spawn: bool,
+    priority: LaunchPriority | None,
 ) -> tuple[QemuProcess, QmpSession]:
     prepare_directories(paths)
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
@@ -379,8 +351,8 @@ async def _launch(
     with watcher.expecting(paths.console_socket) as console_created:
         pid = await _spawn_with_links(argv, paths.qemu_log, links)
         marks["spawned"] = time.monotonic()
-        if nice and nice_at_spawn:
-            lower_priority(pid, nice)
+        if priority is not None:
+            priority.spawned(pid)
         process = _child(pid, argv)
         try:
             async with asyncio.timeout(timeout):
@@ -424,8 +396,8 @@ async def _launch(
                     _tail(paths.qemu_log, log_start),
                 ) from error
             raise
-    if nice and not nice_at_spawn:
-        lower_priority(pid, nice)
+    if priority is not None:
+        priority.answered(pid)
     log.info("qemu_spawned", pid=pid, argv=list(argv), marks=marks)
     return process, qmp
 

@@ -10,6 +10,7 @@ import pytest
 
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.runtime.links import LinkSocket
+from qlink.runtime.priority import StartPriorities
 from qlink.runtime.process import launch
 from tests.conftest import GuestFiles
 from tests.qemu.test_link_sockets import pair_plan
@@ -25,19 +26,18 @@ def thread_nices(pid: int) -> dict[str, int]:
     return found
 
 
-@pytest.mark.parametrize("at_spawn", [False, True], ids=["once-up", "at-the-spawn"])
+@pytest.mark.parametrize("cores", [1, 0], ids=["once-up", "at-the-spawn"])
 async def test_a_launched_qemu_runs_every_thread_below_qlinkd(
-    short_root: Path, qemu_binary: str, guest_files: GuestFiles, at_spawn: bool
+    short_root: Path, qemu_binary: str, guest_files: GuestFiles, cores: int
 ) -> None:
-    """Whether it dropped once its QMP answered or right at the spawn (`VmRuntime.launch`
-    picks by how many start at once), every thread ends up `nice` steps below us."""
+    """Whether it dropped once its QMP answered (alone on one core) or right at the spawn
+    (a storm: more starting than cores), every thread ends up `nice` steps below us."""
     r1 = pair_plan(short_root, guest_files)["r1"]
     argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
     own = os.getpriority(os.PRIO_PROCESS, 0)
     links = [LinkSocket.of(nic) for nic in r1.nics]
-    process, qmp = await launch(
-        argv, r1.paths, 20, "test", links=links, nice=5, nice_at_spawn=at_spawn
-    )
+    with StartPriorities(5, cores).starting() as priority:
+        process, qmp = await launch(argv, r1.paths, 20, "test", links=links, priority=priority)
     try:
         nices = thread_nices(process.pid)
         assert any(name.startswith("CPU 0/") for name in nices), nices  # debug-threads=on
