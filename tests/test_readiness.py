@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from qlink.errors import ConfigError
-from qlink.runtime.console_ready import ConsoleReadiness
+from qlink.runtime.console_ready import READ_GAP, ConsoleReadiness
 from qlink.topology import parse_topology_text
 from tests.fakes import FakeRuntime
 from tests.test_daemon_core import DEADLINE, carrier_set, ends, serving, up
@@ -46,6 +46,35 @@ async def test_a_line_matches_once_it_is_written_and_earlier_output_does_not_cou
     async with asyncio.timeout(DEADLINE):
         line = await waiting
     assert line == "r1 login:"
+
+
+class CountingReadiness(ConsoleReadiness):
+    reads = 0
+
+    def _read_new(self) -> str | None:
+        self.reads += 1
+        return super()._read_new()
+
+
+async def test_a_log_written_a_byte_at_a_time_is_read_once_per_gap_not_once_per_byte(
+    tmp_path: Path,
+) -> None:
+    """As QEMU writes a console log (one write per byte the UART sends)."""
+    console = tmp_path / "console.log"
+    console.write_bytes(b"")
+    search = CountingReadiness(console, "qlink-ready", 0)
+    waiting = asyncio.ensure_future(search.matched())
+    boot = b"[    0.000000] Linux version 6.1.0 (a boot that prints)\n" * 10 + b"qlink-ready\n"
+    started = time.monotonic()
+    with console.open("ab", buffering=0) as log:
+        for byte in boot:
+            log.write(bytes([byte]))
+            await asyncio.sleep(0.0005)
+    async with asyncio.timeout(DEADLINE):
+        assert await waiting == "qlink-ready"
+    took = time.monotonic() - started
+    assert len(boot) > 500
+    assert search.reads <= took / READ_GAP + 3, (search.reads, took)
 
 
 async def test_a_pattern_that_backtracks_forever_never_stalls_the_loop(tmp_path: Path) -> None:

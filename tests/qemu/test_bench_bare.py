@@ -12,12 +12,9 @@ import pytest
 
 from bench import bare
 from qlink.plan.argv import HostFacts
-from qlink.plan.lab import plan_lab
-from qlink.plan.paths import Layout
 from qlink.plan.render import node_document
-from qlink.runtime.ports import ports_in_use
-from qlink.topology import parse_topology_text
 from tests.conftest import GuestFiles
+from tests.qemu.test_link_sockets import pair_plan
 
 pytestmark = pytest.mark.qemu
 
@@ -25,23 +22,14 @@ TIMEOUT = 30.0
 
 
 def pair(root: Path, guest: GuestFiles, qemu_binary: str) -> list[bare.BareNode]:
-    lab = parse_topology_text(
-        f"""\
-name: pair
-defaults: {{memory: 64, accel: tcg, kernel: {guest.kernel}, extra_args: ["-S"]}}
-nodes: {{r1: {{}}, r2: {{}}}}
-links:
-  - [r1:eth1, r2:eth1]
-""",
-        "pair.yaml",
-    )
-    busy = ports_in_use()
-    plan, _ = plan_lab(lab, Layout.under(root), busy_udp=busy.udp, busy_tcp=busy.tcp)
+    """r1 and r2 of a cable, paused (-S), as the plan's JSON gives them to the launcher."""
     host = HostFacts(qemu_binary=qemu_binary)
-    return [
-        bare.BareNode.from_plan(name, node_document(node, host))
-        for name, node in plan.nodes.items()
-    ]
+    nodes = []
+    for name, node in pair_plan(root, guest).items():
+        document = node_document(node, host)
+        document["argv"] = [*document["argv"], "-S"]
+        nodes.append(bare.BareNode.from_plan(name, document))
+    return nodes
 
 
 async def kill_all(pids: dict[str, int]) -> None:
