@@ -151,6 +151,9 @@ class Bench:
         self.previous_death = ""
         self.lab_kinds: dict[str, str] = {}
         """Lab name → its timeline's heading ("paused N=20"), for the labs qlink brought up."""
+        self.bringup_windows: dict[str, list[tuple[float, float]]] = {}
+        """Lab name → when its timed bring-up runs went (monotonic): the timeline is theirs
+        alone, not the warm-up's or the boot storm's, which `up` the same lab."""
 
     def _next_root(self) -> Path:
         root = self.top / f"r{self.roots}"
@@ -339,32 +342,40 @@ class Bench:
         progress(f"{label} first launch (bare, untimed): {point.first_launch:.2f} s")
         runs = self.settings.runs
         qlink_failed = False
-        for run in range(runs):
-            last = run == runs - 1
-            # Alternate who goes first; a lab kept up for what follows must be qlink's.
-            qlink_first = run % 2 == 0 and not (keep_up and last)
-            sides = ("qlink", "bare", "answered") if qlink_first else ("answered", "bare", "qlink")
-            for side in sides:
-                point.loads.append(load1())
-                if side == "qlink" and not qlink_failed:
-                    try:
-                        await self._bringup_qlink(
-                            point, topology, document, lab, check=run == 0,
-                            keep_up=keep_up and last, ready=ready,
-                        )  # fmt: skip
-                    except Exception as error:  # the bare side still gives its figures
-                        qlink_failed = True
-                        await self.failed(f"{label} (qlink)", error)
-                        # The root may be a fresh one now: plan again for the bare launcher.
-                        topology = self.write_lab(lab)
-                        _, document = await self.plan(topology, lab.name)
-                elif side == "bare":
-                    await self._bringup_bare(point, document, ready)
-                elif side == "answered":
-                    seconds, _ = await self.bare_up(document, answered=True)
-                    point.bare_answered.add(seconds)
-                    await self.bare_down()
-            progress(f"{label} run {run + 1}/{runs}: {_run_summary(point)} (load {load1():.1f})")
+        began = time.monotonic()
+        try:
+            for run in range(runs):
+                last = run == runs - 1
+                # Alternate who goes first; a lab kept up for what follows must be qlink's.
+                qlink_first = run % 2 == 0 and not (keep_up and last)
+                sides = (
+                    ("qlink", "bare", "answered") if qlink_first else ("answered", "bare", "qlink")
+                )
+                for side in sides:
+                    point.loads.append(load1())
+                    if side == "qlink" and not qlink_failed:
+                        try:
+                            await self._bringup_qlink(
+                                point, topology, document, lab, check=run == 0,
+                                keep_up=keep_up and last, ready=ready,
+                            )  # fmt: skip
+                        except Exception as error:  # the bare side still gives its figures
+                            qlink_failed = True
+                            await self.failed(f"{label} (qlink)", error)
+                            # The root may be a fresh one now: plan again for the bare launcher.
+                            topology = self.write_lab(lab)
+                            _, document = await self.plan(topology, lab.name)
+                    elif side == "bare":
+                        await self._bringup_bare(point, document, ready)
+                    elif side == "answered":
+                        seconds, _ = await self.bare_up(document, answered=True)
+                        point.bare_answered.add(seconds)
+                        await self.bare_down()
+                progress(
+                    f"{label} run {run + 1}/{runs}: {_run_summary(point)} (load {load1():.1f})"
+                )
+        finally:
+            self.bringup_windows.setdefault(lab.name, []).append((began, time.monotonic()))
 
     async def _bringup_qlink(
         self,
@@ -643,7 +654,7 @@ class Bench:
         """qlinkd's per-VM timeline of every `up`, by kind of lab (see bench/timeline.py)."""
         logs = sorted(self.top.glob("r*/qlinkd-*.log"))
         for name, kind in self.lab_kinds.items():
-            if timelines := lab_timelines(logs, name):
+            if timelines := lab_timelines(logs, name, self.bringup_windows.get(name, [])):
                 self.results.timelines[kind] = summarise(timelines)
 
     async def close(self) -> list[int]:

@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import json
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,14 +106,20 @@ def summarise(timelines: Iterable[list[Step]]) -> list[Step]:
     return sorted(steps, key=lambda step: step[2])
 
 
-def lab_timelines(paths: Iterable[Path], lab: str) -> list[list[Step]]:
-    """Every `up` of `lab` in these qlinkd logs, each as its timeline."""
+def lab_timelines(
+    paths: Iterable[Path], lab: str, windows: Sequence[tuple[float, float]] | None = None
+) -> list[list[Step]]:
+    """Every `up` of `lab` in these qlinkd logs, each as its timeline; with `windows`
+    (monotonic seconds, the clock qlinkd's marks use), only those begun within one."""
     timelines = []
     for path in paths:
         events = list(read_events(path))
         for up in events:
             ours = up.get("event") == "up_timeline" and up.get("lab") == lab
-            if ours and "carrier_settled" in up["marks"]:
+            if not ours or "carrier_settled" not in up["marks"]:
+                continue
+            began = up["marks"]["up"]
+            if windows is None or any(start <= began <= end for start, end in windows):
                 timelines.append(timeline_of(events, up))
     return timelines
 
