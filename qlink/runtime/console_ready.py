@@ -26,8 +26,9 @@ MATCH_TIMEOUT = 0.05
 READ_GAP = 0.1
 """At most this often a log is read while output flows. QEMU writes a console log a byte at a
 time (the UART sends one), and qlinkd, above the guests' priority, would wake for nearly every
-byte: 20 guests booting kept it at 5-9% of a core, CPU their boot then lacked. Bytes that
-arrive within the gap are read together; a match is seen at most this much later."""
+byte: until 20 booting guests were all ready, it took 1.6 s of CPU from them (0.8 s with the
+gap). Bytes that arrive within the gap are read together; a match is seen at most this much
+later."""
 
 
 def log_size(path: Path) -> int:
