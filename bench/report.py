@@ -20,6 +20,7 @@ from bench.results import (
     Results,
     Samples,
     verdicts,
+    versus,
 )
 
 SECTIONS = (
@@ -131,12 +132,9 @@ def _answered_lines(results: Results) -> list[str]:
     ]  # fmt: skip
     restart = results.restart
     if restart is not None and restart.qlink and restart.bare_answered:
-        excess = restart.qlink.median - restart.bare_answered.median
         rows.append(
             [f"`restart --force NODE`, {restart.nodes - 1} peers up, against the bare relaunch "
-             "until answered",
-             f"{restart.qlink.median * 1000:.0f} ms vs {restart.bare_answered.median * 1000:.0f}"
-             f" ms ({excess * 1000:+.0f} ms)"]
+             "until answered", versus(restart.qlink, restart.bare_answered)]
         )  # fmt: skip
     if not rows:
         return []

@@ -38,6 +38,15 @@ class Samples:
         return ordered[rank - 1]
 
 
+def versus(ours: Samples, theirs: Samples) -> str:
+    """`ours ms vs bare theirs ms (+difference ms)`, of the medians."""
+    excess = ours.median - theirs.median
+    return (
+        f"{ours.median * 1000:.0f} ms vs bare {theirs.median * 1000:.0f} ms "
+        f"({excess * 1000:+.0f} ms)"
+    )
+
+
 def run_ratios(ours: Samples, theirs: Samples) -> Samples:
     """Ours over theirs, run by run. The two sides of a run go back to back, so a machine
     that slows down or speeds up between runs (other tenants, a load average decaying after
@@ -245,12 +254,10 @@ def _storm_verdicts(results: Results) -> list[Verdict]:
         p95 = storm.status.percentile(0.95)
         status, status_met = f"{p95 * 1000:.0f} ms", p95 <= STATUS_P95
     if storm is not None and storm.qlink_restart and storm.bare_restart:
-        excess = storm.qlink_restart.median - storm.bare_restart.median
-        restart = (
-            f"{storm.qlink_restart.median * 1000:.0f} ms vs bare "
-            f"{storm.bare_restart.median * 1000:.0f} ms ({excess * 1000:+.0f} ms)"
+        restart = versus(storm.qlink_restart, storm.bare_restart)
+        restart_met = storm.qlink_restart.median - storm.bare_restart.median <= (
+            STORM_RESTART_MARGIN
         )
-        restart_met = excess <= STORM_RESTART_MARGIN
     return [
         Verdict("`status -o json` p95 while 20 guests boot", "≤ 100 ms", status, status_met),
         Verdict("`restart NODE` while 20 guests boot", "≤ bare + 100 ms", restart, restart_met),
@@ -292,11 +299,7 @@ def _restart_verdict(results: Results) -> Verdict:
     if restart is None or not (restart.qlink and restart.bare):
         return Verdict(figure, target, "-", None)
     excess = restart.qlink.median - restart.bare.median
-    measured = (
-        f"{restart.qlink.median * 1000:.0f} ms vs bare {restart.bare.median * 1000:.0f} ms "
-        f"({excess * 1000:+.0f} ms)"
-    )
-    return Verdict(figure, target, measured, excess <= RESTART_MARGIN)
+    return Verdict(figure, target, versus(restart.qlink, restart.bare), excess <= RESTART_MARGIN)
 
 
 def verdicts(results: Results) -> list[Verdict]:
