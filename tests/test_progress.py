@@ -1,6 +1,5 @@
 """The progress stream of `up` and `down` (`daemon.core._progress`): the lab's events while
-its nodes' commands run, then `done` with the failures, at a cost per event that does not
-grow with the lab."""
+its nodes' commands run, then `done` with the failures."""
 
 from __future__ import annotations
 
@@ -10,18 +9,6 @@ from typing import Any
 from qlink.daemon.core import _progress
 from qlink.daemon.events import Event, Subscription
 from qlink.policy import VmStatus
-
-
-class CountingFuture(asyncio.Future[VmStatus]):
-    """Counts who waits on it: `asyncio.wait` adds a callback to each future it watches."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.waiters_added = 0
-
-    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
-        self.waiters_added += 1
-        super().add_done_callback(fn, context=context)
 
 
 async def _collect(stream: Any) -> list[Event]:
@@ -59,20 +46,3 @@ async def test_an_event_queued_with_the_last_answer_comes_before_done() -> None:
     updates.offer({"event": "state", "lab": "lab1", "node": "a", "state": "running"})
     events = await asyncio.wait_for(collecting, 5)
     assert [event["event"] for event in events] == ["state", "done"]
-
-
-async def test_each_node_is_waited_on_once_however_many_events_come() -> None:
-    nodes = 200
-    updates = Subscription(10 * nodes)
-    futures = {f"n{index}": CountingFuture() for index in range(nodes)}
-    waiting: dict[str, asyncio.Future[VmStatus]] = dict(futures)
-    collecting = asyncio.ensure_future(_collect(_progress("lab1", waiting, updates)))
-    for future in futures.values():
-        for _ in range(3):  # spawned, QMP, running: each an event while the others wait
-            updates.offer({"event": "state", "lab": "lab1"})
-            await asyncio.sleep(0)
-        future.set_result(VmStatus())
-        await asyncio.sleep(0)
-    events = await asyncio.wait_for(collecting, 10)
-    assert len(events) == 3 * nodes + 1
-    assert max(future.waiters_added for future in futures.values()) == 1
