@@ -334,7 +334,9 @@ async def test_jitter_spreads_the_delay(netem: str) -> None:
     assert_added("median", q2, 20.0)
     assert abs((q3 - q1) - 5.0) <= 1.0, (q1, q3)  # sampling error of the IQR: ~0.4 ms
     assert min(there) >= 15.0, min(there)  # netem never sends before its time
-    assert p5 <= 17.0, p5
+    # Uniform: 15.5 ms; every datagram may come up to LATE_MS late, as the medians may (a
+    # TCG guest measured 17.09 once). Without the jitter it would be 20.
+    assert p5 <= 15.5 + LATE_MS, p5
     assert p95 >= 23.0, p95
 
 
