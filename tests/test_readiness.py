@@ -77,6 +77,44 @@ async def test_a_log_written_a_byte_at_a_time_is_read_once_per_gap_not_once_per_
     assert search.reads <= took / READ_GAP + 3, (search.reads, took)
 
 
+async def test_many_logs_written_at_once_from_another_thread_each_match(tmp_path: Path) -> None:
+    """A boot storm: 50 logs, each written a byte at a time by someone else while it is read,
+    the ready line near the end and nothing after the prompt. A wake lost between a read and
+    the next write would leave a search waiting for output that never comes."""
+    nodes = [f"spine{index}" for index in range(50)]
+    logs = {name: tmp_path / name / "console.log" for name in nodes}
+    for log in logs.values():
+        log.parent.mkdir()
+        log.write_bytes(b"an earlier boot: qlink-ready name=x\n")
+    searches = {
+        name: ConsoleReadiness(log, f"qlink-ready name={name}$", log.stat().st_size)
+        for name, log in logs.items()
+    }
+    waiting = [asyncio.ensure_future(search.matched()) for search in searches.values()]
+
+    def boot_them_all() -> None:
+        outputs = {
+            name: b"[    0.1] Linux version 6.1.0\n" * 8
+            + f"qlink-ready name={name}\n\n\nBusyBox v1.35.0\n{name}# \x1b[6n".encode()
+            for name in nodes
+        }
+        handles = {name: log.open("ab", buffering=0) for name, log in logs.items()}
+        try:
+            for index in range(max(len(output) for output in outputs.values())):
+                for name, output in outputs.items():
+                    handles[name].write(output[index : index + 1])
+                if index % 16 == 0:
+                    time.sleep(0.001)  # let the readers in between, at varying points
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    await asyncio.to_thread(boot_them_all)
+    async with asyncio.timeout(DEADLINE):
+        lines = await asyncio.gather(*waiting)
+    assert lines == [f"qlink-ready name={name}" for name in nodes]
+
+
 async def test_a_pattern_that_backtracks_forever_never_stalls_the_loop(tmp_path: Path) -> None:
     console = tmp_path / "console.log"
     console.write_text("a" * 3000 + "!\n")
