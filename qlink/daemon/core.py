@@ -491,7 +491,7 @@ async def _progress(
 
     Each wake waits on the update and every pending node again: one queue of answers fed by
     done-callbacks costs the same per event whatever the lab's size, but measured slower
-    (qlinkd's `up` of 20 paused VMs, 10 runs each way, alternating, twice: 507/514 ms this
+    (qlinkd's `up` of 20 paused VMs, 8-11 runs each way, alternating, twice: 507/514 ms this
     way, 528/527 ms that way; 200 VMs 5.97 s against 6.18 s).
     """
     pending = set(waiting)
