@@ -38,12 +38,16 @@ class Samples:
         return ordered[rank - 1]
 
 
+def excess(ours: Samples, theirs: Samples) -> float:
+    """How much longer ours took than theirs, median against median (seconds)."""
+    return ours.median - theirs.median
+
+
 def versus(ours: Samples, theirs: Samples) -> str:
     """`ours ms vs bare theirs ms (+difference ms)`, of the medians."""
-    excess = ours.median - theirs.median
     return (
         f"{ours.median * 1000:.0f} ms vs bare {theirs.median * 1000:.0f} ms "
-        f"({excess * 1000:+.0f} ms)"
+        f"({excess(ours, theirs) * 1000:+.0f} ms)"
     )
 
 
@@ -255,9 +259,7 @@ def _storm_verdicts(results: Results) -> list[Verdict]:
         status, status_met = f"{p95 * 1000:.0f} ms", p95 <= STATUS_P95
     if storm is not None and storm.qlink_restart and storm.bare_restart:
         restart = versus(storm.qlink_restart, storm.bare_restart)
-        restart_met = storm.qlink_restart.median - storm.bare_restart.median <= (
-            STORM_RESTART_MARGIN
-        )
+        restart_met = excess(storm.qlink_restart, storm.bare_restart) <= STORM_RESTART_MARGIN
     return [
         Verdict("`status -o json` p95 while 20 guests boot", "≤ 100 ms", status, status_met),
         Verdict("`restart NODE` while 20 guests boot", "≤ bare + 100 ms", restart, restart_met),
@@ -298,8 +300,8 @@ def _restart_verdict(results: Results) -> Verdict:
     restart = results.restart
     if restart is None or not (restart.qlink and restart.bare):
         return Verdict(figure, target, "-", None)
-    excess = restart.qlink.median - restart.bare.median
-    return Verdict(figure, target, versus(restart.qlink, restart.bare), excess <= RESTART_MARGIN)
+    met = excess(restart.qlink, restart.bare) <= RESTART_MARGIN
+    return Verdict(figure, target, versus(restart.qlink, restart.bare), met)
 
 
 def verdicts(results: Results) -> list[Verdict]:

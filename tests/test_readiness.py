@@ -86,11 +86,12 @@ async def test_many_logs_written_at_once_from_another_thread_each_match(tmp_path
     for log in logs.values():
         log.parent.mkdir()
         log.write_bytes(b"an earlier boot: qlink-ready name=x\n")
-    searches = {
-        name: ConsoleReadiness(log, f"qlink-ready name={name}$", log.stat().st_size)
+    waiting = [
+        asyncio.ensure_future(
+            ConsoleReadiness(log, f"qlink-ready name={name}$", log.stat().st_size).matched()
+        )
         for name, log in logs.items()
-    }
-    waiting = [asyncio.ensure_future(search.matched()) for search in searches.values()]
+    ]
 
     def boot_them_all() -> None:
         outputs = {
