@@ -1,4 +1,4 @@
-"""Defect 4 of the architecture issue: qemu-img, ssh-keygen and psutil's walk of the host's
+"""Defect 4 of the architecture issue: qemu-img, ssh-keygen and the walk of the host's
 sockets ran on the event loop, stalling every VM's supervision, every API call and every
 console meanwhile. Each test runs the product path with the slow part made slower, while a
 ticker measures the longest time the loop went unanswered."""
@@ -86,9 +86,9 @@ async def test_ssh_keygen_runs_off_the_loop(
 async def test_port_checks_and_the_socket_walk_run_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def slow_walk() -> BusyPorts:
+    def slow_walk(tcp: bool = True) -> BusyPorts:
         time.sleep(SLOW)
-        return ports_in_use()  # the real walk: other labs may run beside the tests
+        return ports_in_use(tcp)  # the real walk: other labs may run beside the tests
 
     real_check = hooks.check_node_ports
 

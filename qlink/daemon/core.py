@@ -127,8 +127,9 @@ class Daemon:
             lab = self._add_lab(record, plan)
             for name, node_plan in plan.nodes.items():
                 identity = self.store.recorded_process(node_plan)
+                argv = build_argv(node_plan, self.host)
                 self._spawn_supervisor(
-                    lab, node_plan, identity, want_running=name not in record.stopped
+                    lab, node_plan, argv, identity, want_running=name not in record.stopped
                 )
             log.info("lab_restored", lab=plan.name, nodes=len(plan.nodes))
 
@@ -142,13 +143,17 @@ class Daemon:
         return lab
 
     def _spawn_supervisor(
-        self, lab: LabRuntime, plan: NodePlan, identity: ProcessIdentity | None, want_running: bool
+        self,
+        lab: LabRuntime,
+        plan: NodePlan,
+        argv: list[str],
+        identity: ProcessIdentity | None,
+        want_running: bool,
     ) -> VmSupervisor:
         assert self._group is not None, "the daemon is not serving"
         supervisor = VmSupervisor(
-            plan, build_argv(plan, self.host), self.hooks, settings=self.settings,
-            runtime=self._runtime,
-        )  # fmt: skip
+            plan, argv, self.hooks, settings=self.settings, runtime=self._runtime
+        )
         lab.supervisors[plan.name] = supervisor
         # The supervisor's own boundary keeps a bug in it from reaching this group.
         lab.tasks[plan.name] = self._group.create_task(
@@ -174,7 +179,9 @@ class Daemon:
         """
         marks = {"up": time.monotonic()}
         async with self._lab_lock:
-            busy = await asyncio.to_thread(host_ports_in_use)
+            # Only management SSH allocates TCP ports, and the TCP tables are slow to read.
+            needs_tcp = any(node.mgmt for node in lab.nodes.values())
+            busy = await asyncio.to_thread(host_ports_in_use, needs_tcp)
             marks["ports_scanned"] = time.monotonic()
             plan, allocations = plan_lab(
                 lab, self.layout, load_allocations(self.layout), busy_udp=busy.udp,
@@ -221,7 +228,7 @@ class Daemon:
                         waiting[name] = runtime.supervisors[name].submit("restart")
                 for name in change.restart:
                     waiting[name] = runtime.supervisors[name].submit("restart")
-                self._start_in_order(runtime, plan, order, waits, waiting)
+                self._start_in_order(runtime, plan, argvs, order, waits=waits, waiting=waiting)
                 marks["submitted"] = time.monotonic()
                 async for update in _progress(lab.name, waiting, updates):
                     if update["event"] == "done":
@@ -236,7 +243,9 @@ class Daemon:
         self,
         lab: LabRuntime,
         plan: LabPlan,
+        argvs: dict[str, list[str]],
         order: list[list[str]],
+        *,
         waits: dict[str, frozenset[str]],
         waiting: dict[str, asyncio.Future[VmStatus]],
     ) -> None:
@@ -244,7 +253,7 @@ class Daemon:
         `waiting` gets each node's start."""
         for name in (node for wave in order for node in wave):
             if name not in lab.supervisors:
-                self._spawn_supervisor(lab, plan.nodes[name], None, want_running=False)
+                self._spawn_supervisor(lab, plan.nodes[name], argvs[name], None, want_running=False)
         for name in (node for wave in order for node in wave):  # a node after its own
             waiting[name] = self._start_after_others(lab, name, waits, waiting)
 

@@ -14,7 +14,7 @@ from qlink.impairment import LinkImpairment
 from qlink.plan.lab import NodePlan
 from qlink.plan.paths import Layout
 from qlink.runtime.process import ProcessIdentity
-from qlink.state import write_json
+from qlink.state import write_model
 from qlink.topology import Lab
 
 log = structlog.get_logger("qlinkd")
@@ -55,7 +55,7 @@ class LabStore:
         return self.layout.lab_state_dir(name) / "lab.json"
 
     def save(self, record: LabRecord) -> None:
-        write_json(self._lab_file(record.lab.name), record.model_dump(mode="json"))
+        write_model(self._lab_file(record.lab.name), record)
 
     def forget(self, name: str) -> None:
         self._lab_file(name).unlink(missing_ok=True)
@@ -80,7 +80,7 @@ class LabStore:
         # Not durable (no fsync, which cost ~8 ms per launch on the event loop): the record is
         # for a qlinkd that died, and the page cache outlives it; a power loss takes the VM
         # with it, and a missing or stale record only means that VM is not adopted.
-        write_json(path, record.model_dump(), durable=False)
+        write_model(path, record, durable=False)
 
     @staticmethod
     def recorded_process(plan: NodePlan) -> ProcessIdentity | None:
