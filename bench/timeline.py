@@ -3,7 +3,8 @@
 qlinkd logs monotonic marks for each `up` (`up_timeline`: the host's ports scanned, the plan,
 the port preflight, the starts submitted, every node answered, carrier settled) and for each
 launch (`vm_launch_timeline`: starting, ports checked, files ready, launched, recorded,
-running; `qemu_spawned`: spawn, QMP listening, greeting and capabilities done). This module
+running; `qemu_spawned`: spawn, QMP listening, greeting and capabilities done, released
+from the start hold, CPUs running). This module
 puts each VM's marks on the time axis of its `up` and summarises them: per step, the median
 VM and the slowest one, in seconds after `up` began.
 """
@@ -26,6 +27,8 @@ VM_STEPS = (
     ("QEMU spawned", "qemu_spawned", "spawned"),
     ("QMP listening (console socket created)", "qemu_spawned", "listening"),
     ("QMP greeting + capabilities", "qemu_spawned", "qmp_ready"),
+    ("released (every start beside it answered)", "qemu_spawned", "released"),
+    ("CPUs running (`cont` answered)", "qemu_spawned", "cpus_running"),
     ("process record written", "vm_launch_timeline", "recorded"),
     ("RUNNING", "vm_launch_timeline", "running"),
 )

@@ -45,7 +45,10 @@ def test_plan_of_one_node_is_a_pasteable_command(capsys: pytest.CaptureFixture[s
     assert [line.split(" connected")[0] for line in comments] == [
         "# fd 151: UDP 127.0.0.1:20000",
         "# fd 152: UDP 127.0.0.1:20002",
+        # And whose CPUs qlinkd runs once QEMU started (its start hold).
+        "# -S: qlinkd runs the CPUs (QMP `cont`) once this QEMU has started",
     ]
+    assert "    -S \\" in lines
     assert comments[0].endswith(" to 127.0.0.1:20001 (swp51 to spine1:swp1)")
     assert lines[0].endswith("qemu-system-x86_64 \\")
     assert "    -name guest=leaf1,debug-threads=on \\" in lines

@@ -544,12 +544,17 @@ def test_every_option_qlinks_argv_uses_is_refused() -> None:
         for group in option_groups(argv):
             seen.add(option_name(group[0]))
             found = screen_extra_args(group)
+            if group == ["-S"]:
+                # The one exception: the file may pause a node with it, and then qlink's
+                # start hold leaves its own out (tests/test_start_hold.py).
+                assert found == []
+                continue
             assert [index for index, _ in found] == [0], (group, found)
     # The golden configs cover every kind of option qlink writes.
     assert seen >= {
         "name", "nodefaults", "no-user-config", "display", "machine", "accel", "cpu", "smp",
         "m", "msg", "pidfile", "chardev", "mon", "serial", "device", "action", "kernel",
-        "initrd", "append", "blockdev", "netdev", "smbios",
+        "initrd", "append", "blockdev", "netdev", "smbios", "S",
     }  # fmt: skip
 
 

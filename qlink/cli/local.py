@@ -105,6 +105,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 # Impairment is no QEMU option: qlinkd's tc class on lo for what this sends.
                 impaired = f"{shaped.netem.text()} (tc class {shaped.classid})"
                 print(f"#   impaired as it sends: {impaired}")
+        if plan.nodes[name].held:
+            print("# -S: qlinkd runs the CPUs (QMP `cont`) once this QEMU has started")
         print(argv_lines(build_argv(plan.nodes[name], host)))
     return EXIT_OK
 

@@ -78,6 +78,9 @@ def build_argv(plan: NodePlan, host: HostFacts) -> list[str]:
         # truth the supervisor watches, instead of a paused VM that looks alive.
         "-device", "pvpanic",
         "-action", qemu_opts(panic="exit-failure"),
+        # The CPUs start stopped: qlinkd runs them once the QEMUs starting beside this one
+        # have started, so none starts behind guests already booting (`runtime/hold.py`).
+        *(["-S"] if plan.held else []),
     ]  # fmt: skip
     if node.kernel is not None:
         argv += ["-kernel", node.kernel]

@@ -104,6 +104,13 @@ class NodePlan:
     def name(self) -> str:
         return self.node.name
 
+    @property
+    def held(self) -> bool:
+        """QEMU starts with its CPUs stopped (`-S`) and qlinkd runs them (`cont`) once the
+        starts beside it are done (`runtime/hold.py`); not a node whose `extra_args` give
+        `-S` itself: that one is meant to stay paused."""
+        return "-S" not in self.node.extra_args
+
     def udp_ports(self) -> list[int]:
         return [nic.local_port for nic in self.nics]
 

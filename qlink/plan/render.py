@@ -17,6 +17,8 @@ def node_document(plan: NodePlan, host: HostFacts) -> dict[str, Any]:
         "memory_mib": node.memory,
         "cpus": node.cpus,
         "restart": node.restart,
+        # The argv's `-S` is qlinkd's: it runs the CPUs (QMP `cont`) once QEMU has started.
+        "held": plan.held,
         "nics": [
             {
                 "interface": nic.interface,

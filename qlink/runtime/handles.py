@@ -10,8 +10,10 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
+from qlink.errors import VmError
 from qlink.plan.lab import NodePlan
 from qlink.runtime import process as real_process
+from qlink.runtime.hold import StartHold
 from qlink.runtime.links import LinkSocket
 from qlink.runtime.priority import StartPriorities
 from qlink.runtime.process import AdoptVerdict, ExitStatus, ProcessIdentity, StopStep, StopTimeouts
@@ -77,23 +79,32 @@ class VmRuntime:
         self._watcher = watcher
         # Which starting QEMUs keep qlinkd's priority, and when they drop (`runtime.priority`).
         self._priorities = StartPriorities(vm_nice, CORES)
+        # When a started QEMU's CPUs run (`runtime.hold`).
+        self._hold = StartHold()
 
     async def launch(
         self, argv: list[str], plan: NodePlan, timeout: float, qmp_name: str
     ) -> tuple[ProcessHandle, MonitorHandle]:
         # The sockets the argv's `-netdev dgram,local.str=N` expect, one per data NIC.
         links = [LinkSocket.of(nic) for nic in plan.nics]
-        with self._priorities.starting() as priority:
+        with self._priorities.starting() as priority, self._hold.starting() as start:
             return await real_process.launch(
                 argv, plan.paths, timeout, qmp_name, self._watcher, links=links,
-                priority=priority,
+                priority=priority, held=start if plan.held else None,
             )  # fmt: skip
 
     def adopt(self, identity: ProcessIdentity) -> tuple[AdoptVerdict, ProcessHandle | None]:
         return real_process.adopt(identity)
 
     async def connect(self, name: str, plan: NodePlan, timeout: float) -> MonitorHandle:
-        return await QmpSession.connect(name, plan.paths.qmp_socket, timeout)
+        qmp = await QmpSession.connect(name, plan.paths.qmp_socket, timeout)
+        if plan.held:
+            try:
+                await real_process.run_if_never_run(qmp)
+            except VmError:
+                await qmp.close()
+                raise
+        return qmp
 
     async def stop(
         self,

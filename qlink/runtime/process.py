@@ -22,8 +22,9 @@ from typing import Any
 import structlog
 from asyncinotify import Inotify, Mask
 
-from qlink.errors import HostError, LaunchError, PortInUseError, VmError
+from qlink.errors import HostError, LaunchError, PortInUseError, QmpCommandError, VmError
 from qlink.plan.node_paths import NodePaths
+from qlink.runtime.hold import HeldStart
 from qlink.runtime.links import (
     LinkSocket,
     check_descriptor_limit,
@@ -302,13 +303,15 @@ async def launch(
     *,
     links: Sequence[LinkSocket] = (),
     priority: LaunchPriority | None = None,
+    held: HeldStart | None = None,
 ) -> tuple[QemuProcess, QmpSession]:
     """Start QEMU and return it with QMP connected, or raise `LaunchError` leaving nothing.
 
     `links` are the NIC sockets its argv expects (`runtime.links`): opened, handed over at
     their descriptor numbers, and closed here; a port someone holds is a `PortInUseError`.
     `priority` is told QEMU's PID once spawned and once its QMP answered (when it may drop
-    below qlinkd: `runtime.priority`).
+    below qlinkd: `runtime.priority`). `held`, for an argv that starts the CPUs stopped
+    (`-S`), says when to run them (`runtime.hold`); the launch returns once they run.
 
     Readiness is an event, not a poll: QEMU creates its chardevs in command-line order, each
     bound and listening before the next, and the plan puts QMP before the console. So the
@@ -319,7 +322,8 @@ async def launch(
             if watcher is None:
                 watcher = await stack.enter_async_context(_private_watcher())
             return await _launch(
-                argv, paths, timeout, qmp_name, watcher=watcher, links=links, priority=priority
+                argv, paths, timeout, qmp_name, watcher=watcher, links=links, priority=priority,
+                held=held,
             )  # fmt: skip
     except OSError as error:
         # Host trouble before QEMU ran (a directory, a watch, a file descriptor limit) is a
@@ -340,6 +344,7 @@ async def _launch(
     watcher: CreationWatcher,
     links: Sequence[LinkSocket],
     priority: LaunchPriority | None,
+    held: HeldStart | None,
 ) -> tuple[QemuProcess, QmpSession]:
     prepare_directories(paths)
     for stale in (paths.qmp_socket, paths.console_socket, paths.pidfile):
@@ -373,33 +378,69 @@ async def _launch(
                 marks["listening"] = time.monotonic()
                 qmp = await QmpSession.connect(qmp_name, paths.qmp_socket, timeout)
                 marks["qmp_ready"] = time.monotonic()
+                if held is not None:
+                    await _run_when_released(qmp, held, marks)
         except BaseException as error:
             # QEMU makes its chardevs before its devices: one that refuses a device (or its
             # memory) exits right after QMP listened. Its exit and its own words are the
             # cause, not the QMP connection it broke off.
             gone = isinstance(error, VmError) and await _gone_within(process, EXIT_GRACE)
             await _reap_failed_launch(process)
-            if isinstance(error, LaunchError):
+            failure = _launch_failure(
+                error, process.exit_status if gone else None, argv, timeout,
+                _tail(paths.qemu_log, log_start),
+            )  # fmt: skip
+            if failure is error:
                 raise
-            if gone and (status := process.exit_status) is not None:
-                raise LaunchError(
-                    f"QEMU {status.describe()} during start-up",
-                    argv,
-                    status.returncode,
-                    _tail(paths.qemu_log, log_start),
-                ) from error
-            if isinstance(error, TimeoutError | VmError):
-                raise LaunchError(
-                    f"QEMU did not become ready within {timeout:g} s",
-                    argv,
-                    None,
-                    _tail(paths.qemu_log, log_start),
-                ) from error
-            raise
+            raise failure from error
     if priority is not None:
         priority.answered(pid)
     log.info("qemu_spawned", pid=pid, argv=list(argv), marks=marks)
     return process, qmp
+
+
+def _launch_failure(
+    error: BaseException,
+    exit_status: ExitStatus | None,
+    argv: Sequence[str],
+    timeout: float,
+    output: str,
+) -> BaseException:
+    """What a launch that failed after the spawn raises: QEMU's exit and its own words
+    (`output`) when it is gone, else what it did not do."""
+    if isinstance(error, LaunchError):
+        return error
+    if exit_status is not None:
+        return LaunchError(
+            f"QEMU {exit_status.describe()} during start-up", argv, exit_status.returncode, output
+        )
+    if isinstance(error, QmpCommandError):  # it refused `cont`
+        return LaunchError(f"QEMU did not run its CPUs: {error}", argv, None, output)
+    if isinstance(error, TimeoutError | VmError):
+        return LaunchError(f"QEMU did not become ready within {timeout:g} s", argv, None, output)
+    return error
+
+
+async def _run_when_released(qmp: QmpSession, held: HeldStart, marks: dict[str, float]) -> None:
+    """Run the CPUs of a QEMU started with `-S` (`cont`) once `held` releases them; the
+    session is closed on any failure here (the caller reaps the QEMU)."""
+    try:
+        await held.released()
+        marks["released"] = time.monotonic()
+        await qmp.execute("cont")
+        marks["cpus_running"] = time.monotonic()
+    except BaseException:
+        await qmp.close()
+        raise
+
+
+async def run_if_never_run(qmp: QmpSession) -> None:
+    """A QEMU adopted with its CPUs never run (a qlinkd that ended between its launch and
+    `cont`; QMP says `prelaunch`) runs now. One paused later (`stop`) stays as it is."""
+    status = await qmp.execute("query-status")
+    if isinstance(status, dict) and status.get("status") == "prelaunch":
+        await qmp.execute("cont")
+        log.info("qemu_cpus_run_on_adoption")
 
 
 async def _reap_failed_launch(process: QemuProcess) -> None:

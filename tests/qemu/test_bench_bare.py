@@ -22,12 +22,15 @@ TIMEOUT = 30.0
 
 
 def pair(root: Path, guest: GuestFiles, qemu_binary: str) -> list[bare.BareNode]:
-    """r1 and r2 of a cable, paused (-S), as the plan's JSON gives them to the launcher."""
+    """r1 and r2 of a cable, paused, as the plan's JSON gives them to the launcher: the
+    `-S` of qlinkd's start hold stays, as if the file asked for it."""
     host = HostFacts(qemu_binary=qemu_binary)
     nodes = []
     for name, node in pair_plan(root, guest).items():
         document = node_document(node, host)
-        document["argv"] = [*document["argv"], "-S"]
+        assert document["held"]
+        assert "-S" in document["argv"]
+        document["held"] = False
         nodes.append(bare.BareNode.from_plan(name, document))
     return nodes
 

@@ -23,9 +23,9 @@ import pytest
 from qlink.plan.argv import HostFacts, build_argv
 from qlink.plan.lab import NodePlan, plan_lab
 from qlink.plan.paths import Layout
-from qlink.runtime.handles import VmRuntime
 from qlink.runtime.links import LinkSocket, open_link_socket
 from qlink.runtime.ports import ports_in_use
+from qlink.runtime.process import launch
 from qlink.topology import parse_topology_text
 from tests.conftest import GuestFiles
 
@@ -95,8 +95,11 @@ async def test_a_strangers_datagrams_never_reach_qemu_and_the_peers_do(
 ) -> None:
     nodes = pair_plan(short_root, guest_files)
     r1, r2 = nodes["r1"], nodes["r2"]
-    argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
-    process, qmp = await VmRuntime().launch(argv, r1, timeout=20, qmp_name="test")
+    argv = build_argv(r1, HostFacts(qemu_binary=qemu_binary))
+    # Launched without its start hold's release: the CPUs stay stopped (-S), so nothing but
+    # QEMU's own backend could take datagrams off the socket.
+    links = [LinkSocket.of(nic) for nic in r1.nics]
+    process, qmp = await launch(argv, r1.paths, 20, "test", links=links)
     try:
         eth1 = r1.nic("eth1")
         inode = socket_inode(process.pid, eth1.fd)

@@ -33,7 +33,7 @@ async def test_a_launched_qemu_runs_every_thread_below_qlinkd(
     """Whether it dropped once its QMP answered (alone on one core) or right at the spawn
     (a storm: more starting than cores), every thread ends up `nice` steps below us."""
     r1 = pair_plan(short_root, guest_files)["r1"]
-    argv = [*build_argv(r1, HostFacts(qemu_binary=qemu_binary)), "-S"]
+    argv = build_argv(r1, HostFacts(qemu_binary=qemu_binary))  # -S, never released here
     own = os.getpriority(os.PRIO_PROCESS, 0)
     links = [LinkSocket.of(nic) for nic in r1.nics]
     with StartPriorities(5, cores).starting() as priority:
