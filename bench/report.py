@@ -195,7 +195,10 @@ def bringup_section(results: Results, plot: Path, output: Path) -> list[str]:
         "",
         "N VMs, 4 UDP links each, TCG. Paused: stopped by `-S` before their first "
         "instruction (no guest competes for the CPU). Booting: the test guest boots (256 MiB, "
-        "kernel + initrd), so the guests qlink starts compete with qlinkd for the 2 cores. "
+        "kernel + initrd). qlink starts each QEMU with its CPUs stopped and runs them once "
+        "the QEMUs starting beside it have started (its start hold); the bare launcher runs "
+        "the argv without that `-S`, so each guest boots as soon as its QEMU has started, "
+        "while the later QEMUs start. "
         "qlink: from starting `qlinkctl up FILE` until it returns (it answers once every node "
         "runs). Bare: the same argv (`qlinkctl plan FILE -o json`), spawned at once by a "
         "launcher inside the benchmark's own process (imports done, event loop running "
