@@ -388,7 +388,7 @@ async def _launch(
             await _reap_failed_launch(process)
             failure = _launch_failure(
                 error, process.exit_status if gone else None, argv, timeout,
-                _tail(paths.qemu_log, log_start),
+                (paths.qemu_log, log_start),
             )  # fmt: skip
             if failure is error:
                 raise
@@ -404,21 +404,23 @@ def _launch_failure(
     exit_status: ExitStatus | None,
     argv: Sequence[str],
     timeout: float,
-    output: str,
+    log: tuple[Path, int],
 ) -> BaseException:
-    """What a launch that failed after the spawn raises: QEMU's exit and its own words
-    (`output`) when it is gone, else what it did not do."""
+    """What a launch that failed after the spawn raises: QEMU's exit and its own words (the
+    tail of its `log` from the given offset) when it is gone, else what it did not do. A
+    cancellation, or anything else, goes on as it is, without reading the log."""
     if isinstance(error, LaunchError):
         return error
+    if exit_status is None and not isinstance(error, TimeoutError | VmError):
+        return error
+    output = _tail(*log)
     if exit_status is not None:
         return LaunchError(
             f"QEMU {exit_status.describe()} during start-up", argv, exit_status.returncode, output
         )
     if isinstance(error, QmpCommandError):  # it refused `cont`
         return LaunchError(f"QEMU did not run its CPUs: {error}", argv, None, output)
-    if isinstance(error, TimeoutError | VmError):
-        return LaunchError(f"QEMU did not become ready within {timeout:g} s", argv, None, output)
-    return error
+    return LaunchError(f"QEMU did not become ready within {timeout:g} s", argv, None, output)
 
 
 async def _run_when_released(qmp: QmpSession, held: HeldStart, marks: dict[str, float]) -> None:
