@@ -20,6 +20,13 @@ from qlink.topology import parse_topology_text
 DEADLINE = 5.0
 
 
+async def every_task_blocked() -> None:
+    """Let every ready task run until it waits on something: a start the hold released
+    would have returned by then. Loop turns, not wall time."""
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
 async def released_in(start: HeldStart, seconds: float = DEADLINE) -> None:
     async with asyncio.timeout(seconds):
         await start.released()
@@ -40,7 +47,7 @@ async def test_the_answered_wait_until_every_start_beside_them_answered() -> Non
 
     with hold.starting() as a, hold.starting() as b, hold.starting() as c:
         waiting = [asyncio.create_task(answer("a", a)), asyncio.create_task(answer("b", b))]
-        await asyncio.sleep(0.05)
+        await every_task_blocked()
         assert released == []  # c has not answered
         await released_in(c)
         async with asyncio.timeout(DEADLINE):
@@ -53,7 +60,7 @@ async def test_a_start_that_failed_holds_nobody() -> None:
     with hold.starting() as answered:
         with hold.starting():
             waiting = asyncio.create_task(released_in(answered))
-            await asyncio.sleep(0.05)
+            await every_task_blocked()
             assert not waiting.done()
             # The other launch fails (its block ends without an answer).
         await waiting
@@ -74,7 +81,7 @@ async def test_a_start_after_a_release_begins_a_new_batch() -> None:
         await released_in(first, 0.5)
     with hold.starting() as second, hold.starting() as third:
         waiting = asyncio.create_task(released_in(second))
-        await asyncio.sleep(0.05)
+        await every_task_blocked()
         assert not waiting.done()
         await released_in(third)
         await waiting
